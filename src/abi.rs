@@ -1,0 +1,1 @@
+//! The `/dev/kqemu` interface (ABI.md). Filled in by the foundation work.

@@ -1,0 +1,1 @@
+//! Errors the monitor reports; the kld maps them to FreeBSD errno values.

@@ -1,0 +1,1 @@
+//! `trait Host`: everything the monitor asks of the kernel.

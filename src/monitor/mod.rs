@@ -1,0 +1,1 @@
+//! The OS-independent monitor: no FreeBSD type appears here.
