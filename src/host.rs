@@ -1,1 +1,462 @@
-//! `trait Host`: everything the monitor asks of the kernel.
+//! `trait Host`: everything the OS-independent code asks of the kernel.
+//!
+//! The kld implements it with FreeBSD's KPI (src/freebsd); the unit tests
+//! with a mock. The types below own what the host hands out (memory, held
+//! user pages) and give it back on drop, so no error path can leak.
+
+use core::alloc::Layout;
+use core::fmt;
+use core::marker::PhantomData;
+use core::mem::{align_of, size_of};
+use core::ops::{Deref, DerefMut};
+use core::ptr::NonNull;
+
+use crate::error::{Error, Result};
+
+/// Size of a host page (amd64 `PAGE_SIZE`).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// A page of the calling process, held in memory by [`Host::hold_user_page`]:
+/// it stays resident at `phys` until released, whatever the process does
+/// with its mapping.
+#[derive(Debug)]
+pub struct HeldUserPage {
+    /// Page-aligned user address in the caller's address space.
+    pub user_addr: u64,
+    /// Physical address of the page.
+    pub phys: u64,
+    /// The page's kernel mapping (the direct map on FreeBSD amd64).
+    pub kernel: NonNull<u8>,
+    /// The host's own handle for the release (a `vm_page_t` on FreeBSD).
+    pub cookie: usize,
+}
+
+/// Services of the host kernel.
+///
+/// `Clone` because every object that must give something back on drop keeps
+/// its own handle; the kld's implementation is a zero-sized type.
+pub trait Host: Clone + Send + Sync {
+    /// Writes one line to the kernel log.
+    fn log(&self, args: fmt::Arguments<'_>);
+
+    /// Zeroed, wired kernel memory for `layout` (alignment at most
+    /// [`PAGE_SIZE`]). Never sleeps for long and never panics: failure is
+    /// [`Error::NoMemory`].
+    fn alloc_zeroed(&self, layout: Layout) -> Result<NonNull<u8>>;
+
+    /// Returns memory to the host.
+    ///
+    /// # Safety
+    ///
+    /// `ptr` came from `alloc_zeroed` of this host with the same `layout`,
+    /// is freed once, and nothing refers to it any more.
+    unsafe fn free(&self, ptr: NonNull<u8>, layout: Layout);
+
+    /// Checks that `[addr, addr + len)` is mapped readable and writable in
+    /// the caller's address space: [`Error::Fault`] otherwise.
+    fn check_user_range(&self, addr: u64, len: u64) -> Result<()>;
+
+    /// Holds the caller's page at `user_addr` (page aligned) for reading and
+    /// writing, faulting it in if needed: [`Error::Fault`] when it is not
+    /// mapped read/write, [`Error::InvalidArgument`] when misaligned.
+    fn hold_user_page(&self, user_addr: u64) -> Result<HeldUserPage>;
+
+    /// Releases a page held by `hold_user_page`.
+    ///
+    /// # Safety
+    ///
+    /// `page` came from `hold_user_page` of this host, is released once, and
+    /// its kernel mapping is not used afterwards.
+    unsafe fn release_user_page(&self, page: &HeldUserPage);
+}
+
+/// Types for which all-zero bytes are a valid value, so a zeroed host
+/// allocation can be used as an array of them.
+///
+/// # Safety
+///
+/// The all-zero bit pattern must be a valid value of the type.
+pub unsafe trait Zeroable: Sized {}
+
+// SAFETY: integers are valid for every bit pattern, zero included.
+unsafe impl Zeroable for u8 {}
+// SAFETY: as above.
+unsafe impl Zeroable for u64 {}
+
+/// A fixed-length array of `T` in zeroed host memory.
+pub struct HostArray<T: Zeroable, H: Host> {
+    ptr: NonNull<T>,
+    len: usize,
+    layout: Layout,
+    host: H,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: the array owns its elements like a Box<[T]> does; the host handle
+// is Send by the trait's bound.
+unsafe impl<T: Zeroable + Send, H: Host> Send for HostArray<T, H> {}
+// SAFETY: shared access only hands out &[T].
+unsafe impl<T: Zeroable + Sync, H: Host> Sync for HostArray<T, H> {}
+
+impl<T: Zeroable, H: Host> HostArray<T, H> {
+    /// `len` zeroed elements (at least one) from `host`.
+    pub fn zeroed(host: &H, len: usize) -> Result<Self> {
+        if len == 0 || align_of::<T>() as u64 > PAGE_SIZE {
+            return Err(Error::InvalidArgument);
+        }
+        let layout = Layout::array::<T>(len).map_err(|_| Error::NoMemory)?;
+        let ptr = host.alloc_zeroed(layout)?.cast::<T>();
+        Ok(Self {
+            ptr,
+            len,
+            layout,
+            host: host.clone(),
+            _owns: PhantomData,
+        })
+    }
+}
+
+impl<T: Zeroable, H: Host> Deref for HostArray<T, H> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: `ptr` points to `len` elements, valid because zeroed
+        // memory is a valid `T` (Zeroable) and every later write stored a
+        // `T`; the array owns them for its lifetime.
+        unsafe { core::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Zeroable, H: Host> DerefMut for HostArray<T, H> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and `&mut self` makes the access unique.
+        unsafe { core::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Zeroable, H: Host> Drop for HostArray<T, H> {
+    fn drop(&mut self) {
+        // SAFETY: drop the elements in place (nothing else owns them), then
+        // give back the block `zeroed` obtained with this very layout.
+        unsafe {
+            core::ptr::drop_in_place(core::ptr::slice_from_raw_parts_mut(
+                self.ptr.as_ptr(),
+                self.len,
+            ));
+            self.host.free(self.ptr.cast(), self.layout);
+        }
+    }
+}
+
+/// One value of `T` in host memory (the kld keeps its per-open state in
+/// one, handed to devfs as a raw pointer).
+pub struct HostBox<T, H: Host> {
+    ptr: NonNull<T>,
+    host: H,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: owns its value like a Box<T>.
+unsafe impl<T: Send, H: Host> Send for HostBox<T, H> {}
+// SAFETY: shared access only hands out &T.
+unsafe impl<T: Sync, H: Host> Sync for HostBox<T, H> {}
+
+impl<T, H: Host> HostBox<T, H> {
+    /// Moves `value` into memory from `host`.
+    pub fn new(host: &H, value: T) -> Result<Self> {
+        if size_of::<T>() == 0 || align_of::<T>() as u64 > PAGE_SIZE {
+            return Err(Error::InvalidArgument);
+        }
+        let ptr = host.alloc_zeroed(Layout::new::<T>())?.cast::<T>();
+        // SAFETY: fresh allocation of the layout of T, so valid and aligned
+        // for one write.
+        unsafe { ptr.as_ptr().write(value) };
+        Ok(Self {
+            ptr,
+            host: host.clone(),
+            _owns: PhantomData,
+        })
+    }
+
+    /// Gives up ownership; [`HostBox::from_raw`] takes it back.
+    pub fn into_raw(self) -> NonNull<T> {
+        let ptr = self.ptr;
+        core::mem::forget(self);
+        ptr
+    }
+
+    /// Takes back a box given up by [`HostBox::into_raw`].
+    ///
+    /// # Safety
+    ///
+    /// `ptr` came from `into_raw` of a box made with an equivalent `host`,
+    /// is taken back once, and no reference to the value outlives the box.
+    pub unsafe fn from_raw(host: H, ptr: NonNull<T>) -> Self {
+        Self {
+            ptr,
+            host,
+            _owns: PhantomData,
+        }
+    }
+}
+
+impl<T, H: Host> Deref for HostBox<T, H> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the box owns an initialized T at `ptr`.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T, H: Host> DerefMut for HostBox<T, H> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`, and `&mut self` makes the access unique.
+        unsafe { self.ptr.as_mut() }
+    }
+}
+
+impl<T, H: Host> Drop for HostBox<T, H> {
+    fn drop(&mut self) {
+        // SAFETY: the box owns the value: drop it, then free the block
+        // `new` allocated with the layout of T.
+        unsafe {
+            core::ptr::drop_in_place(self.ptr.as_ptr());
+            self.host.free(self.ptr.cast(), Layout::new::<T>());
+        }
+    }
+}
+
+/// A held user page that is released on drop.
+pub struct UserPage<H: Host> {
+    page: HeldUserPage,
+    host: H,
+}
+
+// SAFETY: the held page is plain memory owned by this value until drop;
+// nothing in it is tied to the thread that held it.
+unsafe impl<H: Host> Send for UserPage<H> {}
+
+impl<H: Host> UserPage<H> {
+    /// Holds the caller's page at `user_addr`.
+    pub fn hold(host: &H, user_addr: u64) -> Result<Self> {
+        if !user_addr.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::InvalidArgument);
+        }
+        let page = host.hold_user_page(user_addr)?;
+        Ok(Self {
+            page,
+            host: host.clone(),
+        })
+    }
+
+    /// The user address the page was held at.
+    pub fn user_addr(&self) -> u64 {
+        self.page.user_addr
+    }
+
+    /// Physical address of the page.
+    pub fn phys(&self) -> u64 {
+        self.page.phys
+    }
+
+    /// Kernel mapping of the page, valid while `self` lives.
+    pub fn kernel_ptr(&self) -> NonNull<u8> {
+        self.page.kernel
+    }
+}
+
+impl<H: Host> Drop for UserPage<H> {
+    fn drop(&mut self) {
+        // SAFETY: the page came from hold_user_page of this host and is
+        // released exactly once, here.
+        unsafe { self.host.release_user_page(&self.page) };
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod mock {
+    //! A host for unit tests: memory from the test process's allocator, a
+    //! table of "mapped" user ranges, counters to check that nothing leaks.
+
+    use super::*;
+    use std::string::{String, ToString};
+    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::vec::Vec;
+
+    #[derive(Default)]
+    pub(crate) struct MockState {
+        /// Mapped user ranges: (start, end, writable).
+        pub mappings: Vec<(u64, u64, bool)>,
+        pub live_allocs: usize,
+        pub live_bytes: usize,
+        /// Allocations left before `alloc_zeroed` starts failing.
+        pub allocs_before_failure: Option<usize>,
+        pub held_pages: Vec<u64>,
+        pub log: Vec<String>,
+    }
+
+    #[derive(Clone, Default)]
+    pub(crate) struct MockHost {
+        state: Arc<Mutex<MockState>>,
+    }
+
+    impl MockHost {
+        pub(crate) fn state(&self) -> MutexGuard<'_, MockState> {
+            self.state.lock().expect("mock state lock")
+        }
+
+        pub(crate) fn map(&self, start: u64, len: u64, writable: bool) {
+            self.state().mappings.push((start, start + len, writable));
+        }
+    }
+
+    impl Host for MockHost {
+        fn log(&self, args: fmt::Arguments<'_>) {
+            self.state().log.push(args.to_string());
+        }
+
+        fn alloc_zeroed(&self, layout: Layout) -> Result<NonNull<u8>> {
+            let mut st = self.state();
+            if let Some(left) = st.allocs_before_failure.as_mut() {
+                if *left == 0 {
+                    return Err(Error::NoMemory);
+                }
+                *left -= 1;
+            }
+            assert!(layout.size() > 0 && layout.align() as u64 <= PAGE_SIZE);
+            // SAFETY: non-zero size checked above.
+            let ptr =
+                NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or(Error::NoMemory)?;
+            st.live_allocs += 1;
+            st.live_bytes += layout.size();
+            Ok(ptr)
+        }
+
+        unsafe fn free(&self, ptr: NonNull<u8>, layout: Layout) {
+            let mut st = self.state();
+            st.live_allocs -= 1;
+            st.live_bytes -= layout.size();
+            // SAFETY: the caller guarantees ptr came from alloc_zeroed with
+            // this layout, i.e. from std::alloc::alloc_zeroed.
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) };
+        }
+
+        fn check_user_range(&self, addr: u64, len: u64) -> Result<()> {
+            let st = self.state();
+            let end = addr.checked_add(len).ok_or(Error::Fault)?;
+            let mut cursor = addr;
+            // Each pass advances `cursor` to the end of a mapping or fails,
+            // so the loop runs at most once per mapping.
+            for _ in 0..=st.mappings.len() {
+                if cursor >= end {
+                    return Ok(());
+                }
+                let Some(&(_, m_end, _)) = st
+                    .mappings
+                    .iter()
+                    .find(|&&(s, e, w)| w && s <= cursor && cursor < e)
+                else {
+                    return Err(Error::Fault);
+                };
+                cursor = m_end;
+            }
+            Err(Error::Fault)
+        }
+
+        fn hold_user_page(&self, user_addr: u64) -> Result<HeldUserPage> {
+            if !user_addr.is_multiple_of(PAGE_SIZE) {
+                return Err(Error::InvalidArgument);
+            }
+            self.check_user_range(user_addr, PAGE_SIZE)?;
+            let layout = Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize)
+                .map_err(|_| Error::NoMemory)?;
+            // SAFETY: non-zero size.
+            let kernel =
+                NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or(Error::NoMemory)?;
+            self.state().held_pages.push(user_addr);
+            Ok(HeldUserPage {
+                user_addr,
+                phys: 0x1_0000_0000 + user_addr,
+                kernel,
+                cookie: 0,
+            })
+        }
+
+        unsafe fn release_user_page(&self, page: &HeldUserPage) {
+            let mut st = self.state();
+            let i = st
+                .held_pages
+                .iter()
+                .position(|&a| a == page.user_addr)
+                .expect("page was held");
+            st.held_pages.swap_remove(i);
+            let layout = Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize)
+                .expect("page layout");
+            // SAFETY: `kernel` came from alloc_zeroed with this layout in
+            // hold_user_page and is released once (the caller's contract).
+            unsafe { std::alloc::dealloc(page.kernel.as_ptr(), layout) };
+        }
+    }
+
+    #[test]
+    fn host_array_and_box_give_memory_back() {
+        let host = MockHost::default();
+        {
+            let mut a = HostArray::<u64, _>::zeroed(&host, 100).expect("memory");
+            assert!(a.iter().all(|&x| x == 0));
+            a[99] = 7;
+            assert_eq!(a[99], 7);
+            let b = HostBox::new(&host, [1u8; 3]).expect("memory");
+            assert_eq!(*b, [1, 1, 1]);
+            let raw = b.into_raw();
+            // SAFETY: from into_raw of a box of this host, taken back once.
+            let b = unsafe { HostBox::from_raw(host.clone(), raw) };
+            assert_eq!(b[2], 1);
+            assert_eq!(host.state().live_allocs, 2);
+        }
+        assert_eq!(host.state().live_allocs, 0);
+        assert_eq!(host.state().live_bytes, 0);
+        assert_eq!(
+            HostArray::<u64, _>::zeroed(&host, 0).err(),
+            Some(Error::InvalidArgument)
+        );
+    }
+
+    #[test]
+    fn allocation_failure_is_an_error() {
+        let host = MockHost::default();
+        host.state().allocs_before_failure = Some(0);
+        assert_eq!(
+            HostArray::<u8, _>::zeroed(&host, 1).err(),
+            Some(Error::NoMemory)
+        );
+        assert_eq!(HostBox::new(&host, 1u64).err(), Some(Error::NoMemory));
+    }
+
+    #[test]
+    fn user_pages_are_released_on_drop() {
+        let host = MockHost::default();
+        host.map(0x10000, 0x2000, true);
+        host.map(0x20000, 0x1000, false);
+        let p = UserPage::hold(&host, 0x11000).expect("mapped");
+        assert_eq!((p.user_addr(), p.phys()), (0x11000, 0x1_0001_1000));
+        assert_eq!(
+            UserPage::hold(&host, 0x11001).err(),
+            Some(Error::InvalidArgument)
+        );
+        assert_eq!(UserPage::hold(&host, 0x12000).err(), Some(Error::Fault));
+        assert_eq!(UserPage::hold(&host, 0x20000).err(), Some(Error::Fault));
+        assert_eq!(host.state().held_pages, [0x11000]);
+        drop(p);
+        assert!(host.state().held_pages.is_empty());
+    }
+
+    #[test]
+    fn mock_range_check_follows_adjacent_mappings() {
+        let host = MockHost::default();
+        host.map(0x1000, 0x1000, true);
+        host.map(0x2000, 0x1000, true);
+        assert_eq!(host.check_user_range(0x1800, 0x1800), Ok(()));
+        assert_eq!(host.check_user_range(0x1800, 0x1801), Err(Error::Fault));
+        assert_eq!(host.check_user_range(0x800, 0x1000), Err(Error::Fault));
+    }
+}

@@ -1,1 +1,2 @@
 //! The OS-independent monitor: no FreeBSD type appears here.
+pub mod instance;

@@ -1,0 +1,247 @@
+//! The kld: what the C shim (sys/kqemu_kmod.c) calls. Module load and
+//! unload, the `/dev/kqemu` entry points, the errno mapping, the panic
+//! handler. Everything else is OS-independent (crate::device).
+
+mod host;
+
+use core::ffi::{c_int, c_ulong, c_void};
+use core::panic::PanicInfo;
+use core::ptr::{self, NonNull};
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+
+use freebsd_kernel_sys as sys;
+
+use crate::abi::{IOCPARM_MASK, KQEMU_VERSION};
+use crate::device::OpenFile;
+use crate::error::Error;
+use crate::host::{Host, HostBox};
+use host::FreeBsdHost;
+
+/// `hw.kqemu.version`, read by the shim's sysctl: the ABI version.
+#[no_mangle]
+#[allow(non_upper_case_globals)] // the C shim's name
+static kqemu_abi_version: c_int = KQEMU_VERSION as c_int;
+
+/// `hw.kqemu.instances`: open files of `/dev/kqemu` (each holds per-open
+/// state until its cdevpriv destructor runs). Unload refuses while it is
+/// not zero.
+#[no_mangle]
+#[allow(non_upper_case_globals)] // the C shim's name
+static kqemu_instances: AtomicU32 = AtomicU32::new(0);
+
+/// `/dev/kqemu`, between load and unload.
+static DEVICE: AtomicPtr<sys::cdev> = AtomicPtr::new(ptr::null_mut());
+
+/// Default mode of `/dev/kqemu` when the `hw.kqemu.mode` tunable is
+/// unusable (the contract's 0660, root:wheel).
+const DEFAULT_MODE: c_int = 0o660;
+
+// The entry points must have the types the shim's cdevsw and module
+// declaration give them; these fail to compile otherwise.
+const _: sys::d_open_t = Some(kqemu_open);
+const _: sys::d_ioctl_t = Some(kqemu_ioctl);
+const _: sys::d_priv_dtor_t = Some(kqemu_cdevpriv_dtor);
+const _: sys::modeventhand_t = Some(kqemu_modevent);
+
+/// The FreeBSD errno of each error (sys/errno.h).
+fn errno(e: Error) -> c_int {
+    match e {
+        Error::Io => sys::EIO,
+        Error::InvalidArgument => sys::EINVAL,
+        Error::Fault => sys::EFAULT,
+        Error::NoMemory => sys::ENOMEM,
+        Error::NoSpace => sys::ENOSPC,
+        Error::Busy => sys::EBUSY,
+        Error::NotTty => sys::ENOTTY,
+        Error::Permission => sys::EPERM,
+    }
+}
+
+/// Module event handler (DEV_MODULE in the shim).
+#[no_mangle]
+pub extern "C" fn kqemu_modevent(_module: sys::module_t, event: c_int, _arg: *mut c_void) -> c_int {
+    match u32::try_from(event) {
+        Ok(sys::MOD_LOAD) => load(),
+        // Quiesce asks "may I unload?"; unload itself asks again because
+        // `kldunload -f` skips the question. destroy_dev would wait for
+        // threads inside the driver and then tear down open files under
+        // their users: refuse while any is open, as bhyve's vmm does.
+        Ok(sys::MOD_QUIESCE) if kqemu_instances.load(Ordering::Acquire) != 0 => sys::EBUSY,
+        Ok(sys::MOD_QUIESCE) => 0,
+        Ok(sys::MOD_UNLOAD) if kqemu_instances.load(Ordering::Acquire) != 0 => sys::EBUSY,
+        Ok(sys::MOD_UNLOAD) => {
+            unload();
+            0
+        }
+        Ok(sys::MOD_SHUTDOWN) => 0,
+        _ => sys::EOPNOTSUPP,
+    }
+}
+
+/// The device's group and mode from the loader tunables, or the defaults
+/// (with a log line) when a tunable is out of range.
+fn device_owner() -> (sys::gid_t, c_int) {
+    // SAFETY: plain ints of the shim, written only by the sysctl framework
+    // when it loads the tunables, before the module event runs.
+    let (gid, mode) = unsafe { (sys::kqemu_tunable_gid, sys::kqemu_tunable_mode) };
+    let gid = sys::gid_t::try_from(gid).unwrap_or_else(|_| {
+        FreeBsdHost.log(format_args!(
+            "hw.kqemu.gid={gid} is not a group id, using 0"
+        ));
+        sys::GID_WHEEL as sys::gid_t
+    });
+    let mode = if (0..=0o777).contains(&mode) {
+        mode
+    } else {
+        FreeBsdHost.log(format_args!(
+            "hw.kqemu.mode={mode:#o} is not a permission mode, using 0660"
+        ));
+        DEFAULT_MODE
+    };
+    (gid, mode)
+}
+
+fn load() -> c_int {
+    let (gid, mode) = device_owner();
+    let mut args = sys::make_dev_args::default();
+    let mut dev: *mut sys::cdev = ptr::null_mut();
+    // SAFETY: make_dev_args_init fills in the size and defaults of `args`;
+    // kqemu_cdevsw is the shim's static switch, valid for the module's
+    // lifetime; make_dev_s may sleep (MAKEDEV_WAITOK), which module load
+    // allows.
+    let error = unsafe {
+        sys::make_dev_args_init_impl(&mut args, core::mem::size_of::<sys::make_dev_args>());
+        args.mda_flags = sys::MAKEDEV_WAITOK | sys::MAKEDEV_CHECKNAME;
+        args.mda_devsw = ptr::addr_of_mut!(sys::kqemu_cdevsw);
+        args.mda_uid = sys::UID_ROOT as sys::uid_t;
+        args.mda_gid = gid;
+        args.mda_mode = mode;
+        sys::kqemu_make_dev_s(&mut args, &mut dev, c"kqemu".as_ptr())
+    };
+    if error == 0 {
+        DEVICE.store(dev, Ordering::Release);
+    }
+    error
+}
+
+fn unload() {
+    let dev = DEVICE.swap(ptr::null_mut(), Ordering::AcqRel);
+    if !dev.is_null() {
+        // SAFETY: `dev` came from make_dev_s at load and is destroyed once
+        // (the swap took it). destroy_dev waits for threads still inside
+        // the driver and runs the cdevpriv destructors of files opened
+        // since the instance count was read.
+        unsafe { sys::destroy_dev(dev) };
+    }
+}
+
+/// `d_open`: the client opens `O_RDWR`; without write access: EPERM. Each
+/// open file gets its own state, freed by the cdevpriv destructor.
+///
+/// # Safety
+///
+/// Called by devfs as the cdevsw's d_open.
+#[no_mangle]
+pub unsafe extern "C" fn kqemu_open(
+    _dev: *mut sys::cdev,
+    oflags: c_int,
+    _devtype: c_int,
+    _td: *mut sys::thread,
+) -> c_int {
+    if oflags & sys::FWRITE == 0 {
+        return errno(Error::Permission);
+    }
+    let file = match HostBox::new(&FreeBsdHost, OpenFile::new(FreeBsdHost)) {
+        Ok(file) => file.into_raw(),
+        Err(e) => return errno(e),
+    };
+    kqemu_instances.fetch_add(1, Ordering::AcqRel);
+    // SAFETY: devfs_set_cdevpriv attaches `file` to the file being opened;
+    // on success the destructor owns it, on failure nothing does.
+    let error = unsafe {
+        sys::devfs_set_cdevpriv(file.as_ptr().cast::<c_void>(), Some(kqemu_cdevpriv_dtor))
+    };
+    if error != 0 {
+        // SAFETY: devfs did not take `file`: take it back once and free it.
+        drop(unsafe { HostBox::from_raw(FreeBsdHost, file) });
+        kqemu_instances.fetch_sub(1, Ordering::AcqRel);
+    }
+    error
+}
+
+/// cdevpriv destructor: the last close of an open file (or destroy_dev).
+///
+/// # Safety
+///
+/// Called by devfs once per pointer given to devfs_set_cdevpriv.
+#[no_mangle]
+pub unsafe extern "C" fn kqemu_cdevpriv_dtor(data: *mut c_void) {
+    if let Some(file) = NonNull::new(data.cast::<OpenFile<FreeBsdHost>>()) {
+        // SAFETY: `data` is the pointer kqemu_open gave devfs, from
+        // HostBox::into_raw; devfs runs this once and no ioctl is running
+        // on the file any more.
+        drop(unsafe { HostBox::from_raw(FreeBsdHost, file) });
+        kqemu_instances.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `d_ioctl`: every command goes through the one dispatch table of
+/// crate::device with the argument the kernel copied in.
+///
+/// # Safety
+///
+/// Called by devfs as the cdevsw's d_ioctl, with `data` pointing to the
+/// kernel's copy of the argument.
+#[no_mangle]
+pub unsafe extern "C" fn kqemu_ioctl(
+    _dev: *mut sys::cdev,
+    cmd: c_ulong,
+    data: sys::caddr_t,
+    _fflag: c_int,
+    _td: *mut sys::thread,
+) -> c_int {
+    let mut private: *mut c_void = ptr::null_mut();
+    // SAFETY: called in the context of an open file of this device.
+    let error = unsafe { sys::devfs_get_cdevpriv(&mut private) };
+    if error != 0 {
+        return error;
+    }
+    // SAFETY: the cdevpriv of our files is always an OpenFile from
+    // kqemu_open, alive until its destructor, which devfs does not run
+    // while this call is inside the driver. OpenFile is Sync.
+    let file = unsafe { &*private.cast::<OpenFile<FreeBsdHost>>() };
+    // kern_ioctl hands d_ioctl a buffer of IOCPARM_LEN(cmd) bytes (or, for
+    // IOC_VOID and length 0, a pointer to an intptr_t): never more bytes
+    // than this length.
+    let len = ((cmd >> 16) & c_ulong::from(IOCPARM_MASK)) as usize;
+    let arg: &mut [u8] = if len == 0 || data.is_null() {
+        &mut []
+    } else {
+        // SAFETY: see above; the buffer is the kernel's own copy, private
+        // to this call.
+        unsafe { core::slice::from_raw_parts_mut(data.cast::<u8>(), len) }
+    };
+    match file.ioctl(cmd, arg) {
+        Ok(()) => 0,
+        Err(e) => errno(e),
+    }
+}
+
+/// Rust panics are bugs of the module (user input only ever produces
+/// errors), so they end in panic(9) with the place they came from.
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    let (file, line) = info.location().map_or(("?", 0), |l| (l.file(), l.line()));
+    // A file name longer than c_int::MAX cannot exist; clamp anyway.
+    let file_len = c_int::try_from(file.len()).unwrap_or(c_int::MAX);
+    // SAFETY: "%.*s" reads at most file_len bytes of `file`; panic(9) does
+    // not return.
+    unsafe {
+        sys::panic(
+            c"kqemu: Rust panic at %.*s:%u".as_ptr(),
+            file_len,
+            file.as_ptr(),
+            line,
+        )
+    }
+}
