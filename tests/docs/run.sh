@@ -229,9 +229,9 @@ errors_of() { # subsection title -> errno names listed under it
 declare -A WANT=(
 	[open]="EPERM "
 	[KQEMU_INIT]="EFAULT EINVAL EIO ENOMEM "
-	[KQEMU_SET_PHYS_MEM]="EINVAL EIO ENOSPC "
+	[KQEMU_SET_PHYS_MEM]="EBUSY EINVAL EIO ENOSPC "
 	[KQEMU_EXEC]="EBUSY EIO "
-	[KQEMU_MODIFY_RAM_PAGES]="EINVAL EIO "
+	[KQEMU_MODIFY_RAM_PAGES]="EBUSY EINVAL EIO "
 	["Other requests"]="ENOTTY "
 	[kldunload]="EBUSY "
 )
@@ -258,7 +258,7 @@ mapfile -t code_sysctls < <(
 	} | sort -u)
 undocumented=()
 for s in "${code_sysctls[@]}"; do
-	grep -qF -- ".Va $s" "$MAN" || undocumented+=("$s")
+	grep -qE -- "(^\.| )Va ${s//./\\.}( |$)" "$MAN" || undocumented+=("$s")
 done
 if [ ${#undocumented[@]} -eq 0 ]; then
 	pass "kqemu.4: documents all ${#code_sysctls[@]} hw.kqemu sysctls found in sys/ and src/"
