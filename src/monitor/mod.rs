@@ -1,2 +1,7 @@
 //! The OS-independent monitor: no FreeBSD type appears here.
 pub mod instance;
+pub mod mmu;
+pub mod ram;
+pub mod segments;
+pub mod shadow;
+pub mod validate;
