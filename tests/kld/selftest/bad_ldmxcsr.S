@@ -1,0 +1,6 @@
+/* Loads MXCSR: not on the save/restore allow-list. */
+	.text
+	.globl	bad_ldmxcsr
+bad_ldmxcsr:
+	ldmxcsr	(%rdi)
+	ret

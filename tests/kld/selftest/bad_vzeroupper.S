@@ -1,0 +1,6 @@
+/* AVX state without a register operand. */
+	.text
+	.globl	bad_vzeroupper
+bad_vzeroupper:
+	vzeroupper
+	ret
