@@ -18,8 +18,8 @@ pub const PAGE_SIZE: u64 = 4096;
 
 /// A page of the calling process, held in memory by [`Host::hold_user_page`]:
 /// it stays resident at `phys` until released, whatever the process does
-/// with its mapping.
-#[derive(Debug)]
+/// with its mapping. A token: copying it does not hold the page twice.
+#[derive(Clone, Copy, Debug)]
 pub struct HeldUserPage {
     /// Page-aligned user address in the caller's address space.
     pub user_addr: u64,
@@ -68,6 +68,24 @@ pub trait Host: Clone + Send + Sync {
     /// `page` came from `hold_user_page` of this host, is released once, and
     /// its kernel mapping is not used afterwards.
     unsafe fn release_user_page(&self, page: &HeldUserPage);
+
+    /// The physical address of kernel virtual address `virt` (the module's
+    /// own image: the switcher pages), `None` when unmapped.
+    fn virt_to_phys(&self, virt: u64) -> Option<u64>;
+
+    /// Begins running guest code on this CPU: no preemption and no
+    /// migration until [`Host::cpu_leave`]. Returns the CPU's index, or
+    /// `None` when this host cannot run guest code (the monitor then
+    /// answers `KQEMU_RET_ABORT`).
+    fn cpu_enter(&self) -> Option<usize>;
+
+    /// Ends what [`Host::cpu_enter`] began (a reschedule deferred by it
+    /// may happen here).
+    fn cpu_leave(&self);
+
+    /// Whether the thread should go back to user mode now: a signal is
+    /// pending or the scheduler wants the CPU (FREEBSD.md "CPU").
+    fn should_yield(&self) -> bool;
 }
 
 /// Types for which all-zero bytes are a valid value, so a zeroed host
@@ -80,6 +98,8 @@ pub unsafe trait Zeroable: Sized {}
 
 // SAFETY: integers are valid for every bit pattern, zero included.
 unsafe impl Zeroable for u8 {}
+// SAFETY: as above.
+unsafe impl Zeroable for u32 {}
 // SAFETY: as above.
 unsafe impl Zeroable for u64 {}
 
@@ -292,6 +312,8 @@ pub(crate) mod mock {
         pub allocs_before_failure: Option<usize>,
         pub held_pages: Vec<u64>,
         pub log: Vec<String>,
+        /// Answers of `should_yield`, first to last; then `false`.
+        pub yields: Vec<bool>,
     }
 
     #[derive(Clone, Default)]
@@ -394,6 +416,26 @@ pub(crate) mod mock {
             // SAFETY: `kernel` came from alloc_zeroed with this layout in
             // hold_user_page and is released once (the caller's contract).
             unsafe { std::alloc::dealloc(page.kernel.as_ptr(), layout) };
+        }
+
+        fn virt_to_phys(&self, virt: u64) -> Option<u64> {
+            Some(virt)
+        }
+
+        /// A test process cannot run guest code at ring 3.
+        fn cpu_enter(&self) -> Option<usize> {
+            None
+        }
+
+        fn cpu_leave(&self) {}
+
+        fn should_yield(&self) -> bool {
+            let mut st = self.state();
+            if st.yields.is_empty() {
+                false
+            } else {
+                st.yields.remove(0)
+            }
         }
     }
 

@@ -61,6 +61,10 @@ pub struct LinuxConfig {
     /// GDT index of the first of the three TLS slots that `set_thread_area` hands out
     /// (`TLS_FIRST_ENTRY` = 6 as on i386 Linux; a 64-bit Linux host uses 12 for 32-bit tasks).
     pub tls_entry_base: u32,
+    /// After this many system calls the scheduler moves on to the next runnable process
+    /// (0: only when a call blocks or the runner reports a timer tick). Benchmarks use it to
+    /// make two processes alternate under their own page-table roots at a known rate.
+    pub switch_every: u32,
 }
 
 impl LinuxConfig {
@@ -73,6 +77,7 @@ impl LinuxConfig {
             nx: paging != PagingFormat::Legacy32,
             hwcap: DEFAULT_HWCAP,
             tls_entry_base: TLS_FIRST_ENTRY,
+            switch_every: 0,
         }
     }
 }
@@ -111,6 +116,8 @@ pub struct Linux<'a> {
     next_pid: Pid,
     current: Option<Pid>,
     rotate: bool,
+    /// System calls since the last `switch_every` rotation.
+    calls_since_switch: u32,
     logged: BTreeSet<(Arch, u64)>,
     init_status: Option<i32>,
     deadlocked: bool,
@@ -156,6 +163,7 @@ impl<'a> Linux<'a> {
             next_pid: 1,
             current: None,
             rotate: false,
+            calls_since_switch: 0,
             logged: BTreeSet::new(),
             init_status: None,
             deadlocked: false,
@@ -493,6 +501,13 @@ impl<'a> Linux<'a> {
                 }
             }
             Trap::Timer => self.rotate = true,
+        }
+        if matches!(trap, Trap::Syscall | Trap::Int80) && self.cfg.switch_every != 0 {
+            self.calls_since_switch += 1;
+            if self.calls_since_switch >= self.cfg.switch_every {
+                self.calls_since_switch = 0;
+                self.rotate = true;
+            }
         }
         self.finish(p);
     }

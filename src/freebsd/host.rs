@@ -167,4 +167,31 @@ impl Host for FreeBsdHost {
         // (the cookie is its vm_page_t) and is released once.
         unsafe { sys::vm_page_unhold_pages(&mut m, 1) };
     }
+
+    /// TODO(#7): pmap_kextract(9) for the switcher pages, with its KPI
+    /// entry; until then the kld runs no guest code (`cpu_enter`).
+    fn virt_to_phys(&self, _virt: u64) -> Option<u64> {
+        None
+    }
+
+    /// TODO(#7): critical_enter(9), the CPU index from the pcpu and the
+    /// user FPU state made live (FREEBSD.md "CPU"), tested by loading the
+    /// kld in the testbed. Until then EXEC answers KQEMU_RET_ABORT, as the
+    /// lead's contract says for a module without a monitor.
+    fn cpu_enter(&self) -> Option<usize> {
+        None
+    }
+
+    fn cpu_leave(&self) {}
+
+    fn should_yield(&self) -> bool {
+        // SAFETY: curthread is valid in thread context, and these two
+        // fields of the running thread are only read (bhyve's
+        // vcpu_should_yield reads them the same way).
+        unsafe {
+            let td = sys::kqemu_curthread();
+            ptr::read_volatile(ptr::addr_of!((*td).td_ast)) != 0
+                || ptr::read_volatile(ptr::addr_of!((*td).td_owepreempt)) != 0
+        }
+    }
 }

@@ -9,11 +9,12 @@
 use crate::abi::{
     KqemuCpuState, KqemuInit, KqemuPhysMem, KQEMU_IO_MEM_COMM, KQEMU_IO_MEM_RAM, KQEMU_IO_MEM_ROM,
     KQEMU_IO_MEM_UNASSIGNED, KQEMU_MAX_GUEST_PHYS, KQEMU_MAX_MODIFIED_RAM_PAGES,
-    KQEMU_MAX_PHYS_RANGES, KQEMU_MAX_RAM_SIZE, KQEMU_PAGE_SIZE, KQEMU_RET_ABORT,
+    KQEMU_MAX_PHYS_RANGES, KQEMU_MAX_RAM_SIZE, KQEMU_PAGE_SIZE, KQEMU_RET_ABORT, KQEMU_RET_SOFTMMU,
     USER_ADDRESS_LIMIT,
 };
 use crate::error::{Error, Result};
 use crate::host::{Host, HostArray, UserPage, Zeroable};
+use crate::monitor::exec::{Lists, Monitor};
 
 /// The client's guest RAM, as INIT gave it (user addresses of the caller).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +246,9 @@ fn check_user_buffer(addr: u64, len: u64) -> Result<()> {
 
 /// One VM, created by `KQEMU_INIT`.
 pub struct Instance<H: Host> {
+    host: H,
+    /// The monitor's caches, built by the first EXEC.
+    monitor: Option<Monitor<H>>,
     ram: RamParams,
     pages_to_flush: UserPage<H>,
     ram_pages_to_update: UserPage<H>,
@@ -292,6 +296,8 @@ impl<H: Host> Instance<H> {
             ))
         })?;
         Ok(Self {
+            host: host.clone(),
+            monitor: None,
             ram,
             pages_to_flush,
             ram_pages_to_update,
@@ -358,22 +364,55 @@ impl<H: Host> Instance<H> {
     }
 
     /// `KQEMU_MODIFY_RAM_PAGES`: the client rewrote `count` entries of
-    /// `modified_ram_pages`. EINVAL unless `0 <= count <= 512`. The module
-    /// derives nothing from guest RAM yet, so there is nothing to drop
-    /// (shadow translations arrive with issue 6).
+    /// `modified_ram_pages`. EINVAL unless `0 <= count <= 512`. The
+    /// monitor drops what it derived from those pages.
     pub fn modify_ram_pages(&mut self, count: i32) -> Result<()> {
         match u32::try_from(count) {
-            Ok(n) if n <= KQEMU_MAX_MODIFIED_RAM_PAGES => Ok(()),
+            Ok(n) if n <= KQEMU_MAX_MODIFIED_RAM_PAGES => {
+                if let Some(m) = self.monitor.as_mut() {
+                    m.modified(
+                        &self.phys_map,
+                        &self.ram,
+                        self.modified_ram_pages.kernel_ptr(),
+                        n as usize,
+                    );
+                }
+                Ok(())
+            }
             _ => Err(Error::InvalidArgument),
         }
     }
 
     /// `KQEMU_EXEC`: runs the guest until an exit and reports the outcome in
-    /// `state.retval`. Until the monitor lands (issue 6) every run answers
-    /// `KQEMU_RET_ABORT`, which makes the client stop with a CPU dump
-    /// instead of computing wrong results.
+    /// `state.retval` (exec.rs). A host that cannot run guest code
+    /// (`Host::cpu_enter`) answers `KQEMU_RET_ABORT`, which makes the
+    /// client stop with a CPU dump instead of computing wrong results.
     pub fn exec(&mut self, state: &mut KqemuCpuState) {
-        state.retval = KQEMU_RET_ABORT;
+        if self.host.cpu_enter().is_none() {
+            state.retval = KQEMU_RET_ABORT;
+            return;
+        }
+        self.host.cpu_leave();
+        if self.monitor.is_none() {
+            match Monitor::new(&self.host, &self.ram) {
+                Ok(m) => self.monitor = Some(m),
+                Err(_) => {
+                    self.host.log(format_args!(
+                        "KQEMU_EXEC: no kernel memory for the monitor's tables"
+                    ));
+                    state.retval = KQEMU_RET_SOFTMMU;
+                    return;
+                }
+            }
+        }
+        let lists = Lists {
+            pages_to_flush: self.pages_to_flush.kernel_ptr(),
+            ram_pages_to_update: self.ram_pages_to_update.kernel_ptr(),
+            modified_ram_pages: self.modified_ram_pages.kernel_ptr(),
+        };
+        if let Some(m) = self.monitor.as_mut() {
+            m.exec(state, &self.phys_map, &self.ram, &lists);
+        }
     }
 }
 

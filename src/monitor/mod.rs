@@ -1,7 +1,9 @@
 //! The OS-independent monitor: no FreeBSD type appears here.
+pub mod exec;
 pub mod instance;
 pub mod mmu;
 pub mod ram;
 pub mod segments;
 pub mod shadow;
+pub mod switch;
 pub mod validate;

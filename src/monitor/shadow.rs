@@ -222,7 +222,14 @@ impl Derivation {
             let whole_table = step.maps_page && step.level == Level::Pt;
             *slot = DerivedStep {
                 page: ram_page_of(step.table_page())?,
-                entry_addr: step.entry_addr,
+                // A whole page table is named by its page: the leaves of
+                // one region come from different entries of it, and must
+                // share the leaf table.
+                entry_addr: if whole_table {
+                    step.table_page()
+                } else {
+                    step.entry_addr
+                },
                 width: step.width,
                 value: if whole_table { 0 } else { step.value },
                 whole_table,

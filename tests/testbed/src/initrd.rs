@@ -6,7 +6,8 @@
 //! `testbed.conf` is a list of NUL-terminated `key=value` records
 //! (argv entries may hold any byte but NUL): `mode=`, `arch=`, `arg=`
 //! (repeated, argv[0] first), `env=` (repeated), `out=` (repeated guest
-//! paths to send back), `time_limit_ms=`, `epoch_ns=` (host time).
+//! paths to send back), `time_limit_ms=`, `epoch_ns=` (host time),
+//! `switch_every=` (the client core's `LinuxConfig::switch_every`).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -58,6 +59,12 @@ pub struct Config {
     pub time_limit_ms: u64,
     /// Host wall-clock time when the runner packed the initrd.
     pub epoch_ns: u64,
+    /// Monitor mode: the paging format of the guest OS (`paging=` record,
+    /// from the runner's --guest-paging); `None`: the arch's default.
+    pub guest_paging: Option<kqemu_client::PagingFormat>,
+    /// Switch to the next runnable process every this many system calls
+    /// (`switch_every=` record, from the runner's --switch-every; 0: off).
+    pub switch_every: u32,
 }
 
 /// The guest may run this long when the runner does not say.
@@ -122,6 +129,8 @@ impl Config {
             outs: Vec::new(),
             time_limit_ms: DEFAULT_TIME_LIMIT_MS,
             epoch_ns: 0,
+            guest_paging: None,
+            switch_every: 0,
         };
         for record in bytes.split(|&b| b == 0).filter(|r| !r.is_empty()) {
             let record =
@@ -157,6 +166,19 @@ impl Config {
                     config.epoch_ns = value
                         .parse()
                         .map_err(|_| InitrdError::BadConfig("bad epoch_ns"))?
+                }
+                "paging" => {
+                    config.guest_paging = Some(match value {
+                        "long4" => kqemu_client::PagingFormat::Long4,
+                        "pae" => kqemu_client::PagingFormat::Pae,
+                        "legacy32" => kqemu_client::PagingFormat::Legacy32,
+                        _ => return Err(InitrdError::BadConfig("unknown paging")),
+                    })
+                }
+                "switch_every" => {
+                    config.switch_every = value
+                        .parse()
+                        .map_err(|_| InitrdError::BadConfig("bad switch_every"))?
                 }
                 _ => return Err(InitrdError::BadConfig("unknown key")),
             }

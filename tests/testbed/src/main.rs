@@ -12,9 +12,11 @@ mod channel;
 mod cpu;
 mod exit;
 mod fpu;
+mod freebsd;
 mod heap;
 mod initrd;
 mod mem;
+mod monitor;
 mod native;
 mod pvh;
 mod serial;
@@ -118,14 +120,32 @@ pub extern "C" fn kmain(start_info: u64) -> ! {
     let (config_bytes, guest_archive) =
         initrd::split(initrd).unwrap_or_else(|e| fail(format_args!("initrd: {e}")));
     let config = initrd::Config::parse(config_bytes).unwrap_or_else(|e| fail(format_args!("{e}")));
-    if config.mode != initrd::Mode::Native {
-        fail(format_args!(
-            "mode {:?} is not built yet (issues 6 and 7)",
-            config.mode
-        ));
-    }
-
     let channel = Rc::new(RefCell::new(channel::Channel::open(shared_memory, staging)));
+    if config.mode == initrd::Mode::Kld {
+        let run = freebsd::KldRun {
+            config: &config,
+            features,
+            clock: &clock,
+            space: &space,
+            ram: (ram_phys, ram_size as usize),
+        };
+        match run.run(guest_archive, &channel) {
+            Ok(never) => match never {},
+            Err(e) => fail(format_args!("kld run: {e}")),
+        }
+    }
+    if config.mode == initrd::Mode::Monitor {
+        let run = monitor::MonitorRun {
+            config: &config,
+            features,
+            clock: &clock,
+            ram: (ram_phys, ram_size as usize),
+        };
+        match run.run(guest_archive, &channel) {
+            Ok(never) => match never {},
+            Err(e) => fail(format_args!("monitor run: {e}")),
+        }
+    }
     let native = native::Native {
         config: &config,
         features,

@@ -24,7 +24,7 @@ use kqemu_client::{
 
 /// Status of a program killed for running past its time limit:
 /// 128 + SIGXCPU, what a shell shows for a process over RLIMIT_CPU.
-const STATUS_TIME_LIMIT: i32 = 128 + 24;
+pub(crate) const STATUS_TIME_LIMIT: i32 = 128 + 24;
 
 pub enum NativeError {
     Ram,
@@ -47,15 +47,15 @@ impl fmt::Display for NativeError {
 }
 
 /// The client core's console: guest output goes to the host channel.
-struct TestbedConsole {
-    channel: Rc<RefCell<Channel>>,
-    tsc_khz: u64,
-    boot_tsc: u64,
+pub(crate) struct TestbedConsole {
+    pub(crate) channel: Rc<RefCell<Channel>>,
+    pub(crate) tsc_khz: u64,
+    pub(crate) boot_tsc: u64,
     /// Host wall-clock time at boot (from the runner), ns since the epoch.
-    epoch_ns: u64,
-    rdrand: bool,
-    seed: u64,
-    failed: Rc<RefCell<bool>>,
+    pub(crate) epoch_ns: u64,
+    pub(crate) rdrand: bool,
+    pub(crate) seed: u64,
+    pub(crate) failed: Rc<RefCell<bool>>,
 }
 
 impl Console for TestbedConsole {
@@ -115,6 +115,44 @@ impl TestbedConsole {
     }
 }
 
+/// Cycles of each run of a process (entry to ring 3 or EXEC until the
+/// trap), apart for runs of a process other than the one that ran last:
+/// the difference of the means is the cost of a process switch (a guest
+/// CR3 change) to the CPU, which `tests/testbed/bench` reads from the log.
+#[derive(Default)]
+pub(crate) struct RunStats {
+    last_pid: Option<kqemu_client::Pid>,
+    switched: (u64, u64),
+    same: (u64, u64),
+}
+
+impl RunStats {
+    /// A run of `pid` starts; true if another process ran last.
+    pub(crate) fn begin(&mut self, pid: kqemu_client::Pid) -> bool {
+        self.last_pid.replace(pid).is_some_and(|last| last != pid)
+    }
+
+    pub(crate) fn end(&mut self, switched: bool, cycles: u64) {
+        let (runs, total) = if switched {
+            &mut self.switched
+        } else {
+            &mut self.same
+        };
+        *runs += 1;
+        *total += cycles;
+    }
+}
+
+impl fmt::Display for RunStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "runs after a process switch: {} ({} cycles), runs of the same process: {} ({} cycles)",
+            self.switched.0, self.switched.1, self.same.0, self.same.1
+        )
+    }
+}
+
 pub struct Native<'c> {
     pub config: &'c Config,
     pub features: Features,
@@ -153,6 +191,7 @@ impl Native<'_> {
         let mut linux_config = LinuxConfig::new(arch, PagingFormat::Long4);
         linux_config.kernel_pml4e = self.space.upper_entries.to_vec();
         linux_config.nx = self.features.nx;
+        linux_config.switch_every = self.config.switch_every;
         let failed = Rc::new(RefCell::new(false));
         let console = TestbedConsole {
             channel: channel.clone(),
@@ -176,6 +215,7 @@ impl Native<'_> {
         let mut end: Option<u64> = None;
         let mut timed_out = false;
         let mut traps: u64 = 0;
+        let mut runs = RunStats::default();
         // Bounded by the time limit: every pass checks the TSC (counted
         // from pid 1's first entry, or from here until that happens).
         let began = x86::rdtsc();
@@ -190,6 +230,8 @@ impl Native<'_> {
             if pid == init && start.is_none() {
                 start = Some(x86::rdtsc());
             }
+            let switched = runs.begin(pid);
+            let entered = x86::rdtsc();
             let trap = cpu.run(
                 pid,
                 runnable.arch,
@@ -199,6 +241,7 @@ impl Native<'_> {
                 self.clock,
             );
             let trapped_at = x86::rdtsc();
+            runs.end(switched, trapped_at - entered);
             traps += 1;
             if trap == Trap::Timer {
                 cpu.retain(&linux.pids());
@@ -232,6 +275,7 @@ impl Native<'_> {
             cpu.stray_interrupts
         );
 
+        log!("testbed: {runs}");
         let channel = channel.borrow();
         for path in &self.config.outs {
             let sent = match linux.fs().read_file(path) {

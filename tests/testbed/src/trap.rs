@@ -270,6 +270,12 @@ extern "C" fn kernel_trap(frame: &mut TrapFrame) {
     if frame.vector == VECTOR_SPURIOUS {
         return;
     }
+    // Monitor mode: an interrupt that arrived while guest code ran,
+    // handed over by the monitor with `int n` after its switch back.
+    if frame.vector >= 32 {
+        crate::monitor::host_interrupt(frame.vector);
+        return;
+    }
     report_fatal("kernel trap", frame);
 }
 

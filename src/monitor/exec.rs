@@ -1,0 +1,1635 @@
+//! `KQEMU_EXEC` in normal mode: validate, apply the client's lists, run
+//! the guest through the world switch until an exit the client must see,
+//! and copy the state out (ARCHITECTURE.md "EXEC: one run, step by step",
+//! ABI.md "How the client drives an EXEC").
+//!
+//! The exits the monitor handles itself are page faults it can answer
+//! from the guest's tables (a shadow fill, or the first write to a page
+//! the dirty protocol keeps read-only) and host interrupts. Everything
+//! else ends the run with the code kqemu 1.4.0pre1 used: exceptions with
+//! their error code (and CR2), `int n` / `int3` / `into` as
+//! `KQEMU_RET_INT | n` with `next_eip`, `syscall` as `KQEMU_RET_SYSCALL`
+//! with `next_eip` (its interpreter: #UD when EFER.SCE = 0), `sysenter`
+//! and anything the monitor cannot run exactly as `KQEMU_RET_SOFTMMU`.
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::abi::{
+    seg, KqemuCpuState, KqemuSegmentCache, ALL_DIRTY, KQEMU_MAX_PAGES_TO_FLUSH,
+    KQEMU_MAX_RAM_PAGES_TO_UPDATE, KQEMU_RET_ABORT, KQEMU_RET_EXCEPTION, KQEMU_RET_INT,
+    KQEMU_RET_INTR, KQEMU_RET_SOFTMMU, KQEMU_RET_SYSCALL,
+};
+use crate::error::{Error, Result};
+use crate::host::{Host, HostArray, UserPage, Zeroable, PAGE_SIZE};
+use crate::monitor::instance::{PhysMap, RamParams};
+use crate::monitor::mmu::{
+    translate, Access, AccessKind, CpuPaging, Cr0, Cr4, Efer, GuestPhys, GuestPhysMem, GuestVirt,
+    HostPhys, NotRam, WalkError,
+};
+use crate::monitor::ram::{
+    listed_linear, listed_pages, native_page, DirtyBytes, DirtyTracker, GuestPhysMap, Incoming,
+    LockedFrame, LockedPages, LockedSlot, PageBacking, RamPage, SharedList, Unlocked, Watch,
+    WriteFault,
+};
+use crate::monitor::segments::{CodeSize, CpuMode, Selector};
+use crate::monitor::shadow::{Derivation, LeafMapping, Shadow, ShadowNode, TablePage, TablePages};
+use crate::monitor::switch::{self, Exit, RunSetup, SwitchArea};
+use crate::monitor::validate::{validate_normal_mode, NormalModeEntry};
+
+/// Exits handled inside one EXEC before it returns `KQEMU_RET_INTR`, so
+/// that a guest faulting in a loop the monitor resolves still gives the
+/// CPU back to the client (and the host) regularly.
+pub const MAX_EXITS_PER_EXEC: usize = 4096;
+/// Shadow table pages an instance may use (the arena).
+const SHADOW_NODES: usize = 4096;
+/// Guest RAM pages locked at once for shadow mappings, and the slots and
+/// hash buckets of their cache.
+const LOCKED_SLOTS: usize = 8192;
+const LOCKED_BUCKETS: usize = 2048;
+const LOCKED_CAP: usize = 8192;
+
+/// Vectors (SDM Vol. 3A Table 6-1).
+const VEC_UD: u8 = 6;
+const VEC_DF: u8 = 8;
+const VEC_TS: u8 = 10;
+const VEC_GP: u8 = 13;
+const VEC_PF: u8 = 14;
+/// Error code bit of a #GP raised by an IDT gate (SDM Vol. 3A 6.13).
+const ERROR_IDT: u64 = 1 << 1;
+/// Opcodes the exit decoding recognizes (SDM Vol. 2).
+const OP_INT3: u8 = 0xcc;
+const OP_INT: u8 = 0xcd;
+const OP_INTO: u8 = 0xce;
+const OP_TWO_BYTE: u8 = 0x0f;
+const OP2_SYSCALL: u8 = 0x05;
+const OP2_SYSENTER: u8 = 0x34;
+
+/// What a guest exit means for the client, decided from the exit and the
+/// bytes at the guest's RIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `retval` with the exception's error code (and CR2 for #PF).
+    Exception { vector: u8, error_code: u32 },
+    /// `KQEMU_RET_INT | n`, with the instruction's length for `next_eip`.
+    Int { vector: u8, length: u8 },
+    /// `KQEMU_RET_SYSCALL`, `next_eip` after the 2-byte instruction.
+    Syscall,
+    /// The client emulates.
+    SoftMmu,
+    /// The module is broken (a #DF from guest code).
+    Abort,
+}
+
+impl Outcome {
+    /// The `retval` of the outcome.
+    pub fn retval(self) -> i32 {
+        match self {
+            Self::Exception { vector, .. } => KQEMU_RET_EXCEPTION | i32::from(vector),
+            Self::Int { vector, .. } => KQEMU_RET_INT | i32::from(vector),
+            Self::Syscall => KQEMU_RET_SYSCALL,
+            Self::SoftMmu => KQEMU_RET_SOFTMMU,
+            Self::Abort => KQEMU_RET_ABORT,
+        }
+    }
+}
+
+/// Decides what a guest exception other than #PF means. `code` holds the
+/// bytes at the guest's RIP (fewer when unreadable); `syscall_enabled` is
+/// the guest's EFER.SCE.
+pub fn classify(vector: u8, error_code: u64, code: &[u8], syscall_enabled: bool) -> Outcome {
+    match vector {
+        VEC_GP if error_code & ERROR_IDT != 0 => {
+            // Every gate of the monitor IDT has DPL 0, so a software
+            // interrupt from CPL 3 lands here (SDM Vol. 3A 6.12.1.1).
+            let (vector, length) = match code {
+                [OP_INT, imm, ..] => (*imm, 2),
+                [OP_INT3, ..] => (3, 1),
+                [OP_INTO, ..] => (4, 1),
+                _ => return Outcome::SoftMmu,
+            };
+            if idt_error_names(error_code, vector) {
+                Outcome::Int { vector, length }
+            } else {
+                Outcome::SoftMmu
+            }
+        }
+        VEC_UD => match code {
+            // The world switch clears EFER.SCE, so SYSCALL always raises
+            // #UD here; kqemu's interpreter answered #UD itself when the
+            // guest's SCE was clear.
+            [OP_TWO_BYTE, OP2_SYSCALL, ..] if syscall_enabled => Outcome::Syscall,
+            [OP_TWO_BYTE, OP2_SYSENTER, ..] => Outcome::SoftMmu,
+            _ => Outcome::Exception {
+                vector,
+                error_code: 0,
+            },
+        },
+        // #DE, #DB, #BP, #OF, #BR, #NM, #MF, #AC, #XM: the guest's own.
+        0 | 1 | 3 | 4 | 5 | 7 | 16 | 17 | 19 => Outcome::Exception {
+            vector,
+            error_code: error_code as u32,
+        },
+        VEC_DF => Outcome::Abort,
+        // Other #GP, #TS, #NP, #SS: segment loads, I/O, privileged
+        // instructions, UMIP: the client emulates them exactly with the
+        // guest's own tables.
+        VEC_TS..=VEC_GP => Outcome::SoftMmu,
+        _ => Outcome::SoftMmu,
+    }
+}
+
+/// Whether a #GP error code with the IDT bit names gate `vector`: the
+/// SDM puts the vector in bits 15:3 (Vol. 3A 6.13); QEMU's TCG, the
+/// testbed's CPU, reports `vector * 16 + 2` for 64-bit IDTs
+/// (`do_interrupt64`), which is accepted too since no other vector can
+/// alias it for the instruction decoded at RIP.
+fn idt_error_names(error_code: u64, vector: u8) -> bool {
+    let v = u64::from(vector);
+    error_code == (v << 3) | ERROR_IDT || error_code == (v << 4) | ERROR_IDT
+}
+
+/// A locked guest RAM page (a held page of the client).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    user_addr: u64,
+    phys: u64,
+    kernel: usize,
+    cookie: usize,
+}
+
+impl LockedFrame for Frame {
+    fn host_phys(&self) -> HostPhys {
+        HostPhys::new(self.phys)
+    }
+}
+
+// SAFETY: integers only.
+unsafe impl Zeroable for Frame {}
+// SAFETY: a zeroed slot is an unused one (ram.rs: "zeroed memory is an
+// empty cache"): integers, bools and arrays of them.
+unsafe impl Zeroable for LockedSlot<Frame> {}
+
+/// Releases every held frame of `frames` (unused slots have no kernel
+/// address).
+fn release_frames<H: Host>(host: &H, frames: &mut [Frame]) {
+    for f in frames.iter_mut().filter(|f| f.kernel != 0) {
+        // SAFETY: held by hold_user_page, released once (then cleared).
+        unsafe { host.release_user_page(&f.held()) };
+        *f = Frame::default();
+    }
+}
+
+impl Frame {
+    fn from_held(held: &crate::host::HeldUserPage) -> Self {
+        Self {
+            user_addr: held.user_addr,
+            phys: held.phys,
+            kernel: held.kernel.as_ptr() as usize,
+            cookie: held.cookie,
+        }
+    }
+
+    fn held(&self) -> crate::host::HeldUserPage {
+        crate::host::HeldUserPage {
+            user_addr: self.user_addr,
+            phys: self.phys,
+            kernel: NonNull::new(self.kernel as *mut u8).unwrap_or(NonNull::dangling()),
+            cookie: self.cookie,
+        }
+    }
+}
+
+/// Shadow table pages from the host: page-sized zeroed blocks and their
+/// physical addresses.
+struct HostTables<H: Host> {
+    host: H,
+}
+
+const PAGE_LAYOUT: Layout = match Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize) {
+    Ok(l) => l,
+    Err(_) => panic!("page layout"),
+};
+
+// SAFETY: pages come from alloc_zeroed with a page layout (zero-filled,
+// 4 KiB aligned) and their physical address from the host.
+unsafe impl<H: Host> TablePages for HostTables<H> {
+    fn alloc(&mut self) -> Option<TablePage> {
+        let ptr = self.host.alloc_zeroed(PAGE_LAYOUT).ok()?;
+        let Some(phys) = self.host.virt_to_phys(ptr.as_ptr() as u64) else {
+            // SAFETY: just allocated with this layout, not used.
+            unsafe { self.host.free(ptr, PAGE_LAYOUT) };
+            return None;
+        };
+        // SAFETY: a zeroed page of 512 u64 owned by the shadow until freed.
+        Some(unsafe { TablePage::new(HostPhys::new(phys), ptr.cast()) })
+    }
+
+    unsafe fn free(&mut self, page: TablePage) {
+        // SAFETY: the page came from `alloc` (the caller's contract).
+        unsafe { self.host.free(page.table().cast(), PAGE_LAYOUT) };
+    }
+}
+
+/// Guest-physical memory for the page walks: RAM pages held just for the
+/// access.
+struct RamMem<'a, H: Host> {
+    host: &'a H,
+    map: &'a PhysMap<H>,
+    ram: &'a RamParams,
+}
+
+impl<H: Host> RamMem<'_, H> {
+    /// Runs `f` on the kernel address of guest-physical `addr`.
+    fn with<R>(
+        &self,
+        addr: GuestPhys,
+        f: impl FnOnce(*mut u8) -> R,
+    ) -> core::result::Result<R, NotRam> {
+        let page = match self.map.backing(addr) {
+            PageBacking::Ram(p) | PageBacking::Rom(p) => p,
+            PageBacking::Comm | PageBacking::Unassigned => return Err(NotRam),
+        };
+        if u64::from(page.index()) >= self.ram.pages() {
+            return Err(NotRam);
+        }
+        let held =
+            UserPage::hold(self.host, self.ram.ram_base + page.offset()).map_err(|_| NotRam)?;
+        // SAFETY: the offset is inside the held page.
+        let ptr = unsafe { held.kernel_ptr().as_ptr().add(addr.page_offset() as usize) };
+        Ok(f(ptr))
+    }
+}
+
+impl<H: Host> GuestPhysMem for RamMem<'_, H> {
+    fn read_u32(&mut self, addr: GuestPhys) -> core::result::Result<u32, NotRam> {
+        // SAFETY: aligned (the walk's contract) and inside a held page.
+        self.with(addr, |p| unsafe {
+            core::ptr::read_volatile(p.cast::<u32>())
+        })
+    }
+
+    fn read_u64(&mut self, addr: GuestPhys) -> core::result::Result<u64, NotRam> {
+        // SAFETY: as above.
+        self.with(addr, |p| unsafe {
+            core::ptr::read_volatile(p.cast::<u64>())
+        })
+    }
+
+    fn compare_exchange_u32(
+        &mut self,
+        addr: GuestPhys,
+        old: u32,
+        new: u32,
+    ) -> core::result::Result<bool, NotRam> {
+        self.with(addr, |p| {
+            // SAFETY: aligned, inside a held page; other writers (the
+            // client's threads) use atomic or plain stores of the entry.
+            let a = unsafe { core::sync::atomic::AtomicU32::from_ptr(p.cast()) };
+            a.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+    }
+
+    fn compare_exchange_u64(
+        &mut self,
+        addr: GuestPhys,
+        old: u64,
+        new: u64,
+    ) -> core::result::Result<bool, NotRam> {
+        self.with(addr, |p| {
+            // SAFETY: as above.
+            let a = unsafe { AtomicU64::from_ptr(p.cast()) };
+            a.compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+    }
+}
+
+/// The client's dirty bytes, through their pages held for the instance's
+/// life (one page covers 4096 RAM pages).
+struct UserDirty<'a> {
+    /// The monitor's `dirty_pages`, which only `Monitor::new` and its drop
+    /// write: a copy of the slice's pointer lets the monitor's methods
+    /// borrow `self` mutably meanwhile.
+    pages: NonNull<Frame>,
+    len: usize,
+    ram: &'a RamParams,
+}
+
+impl UserDirty<'_> {
+    fn with<R>(&self, page: RamPage, f: impl FnOnce(*mut u8) -> R) -> Option<R> {
+        let index = u64::from(page.index());
+        if index >= self.ram.pages() {
+            return None;
+        }
+        let slot = (index / PAGE_SIZE) as usize;
+        if slot >= self.len {
+            return None;
+        }
+        // SAFETY: in bounds of the monitor's dirty_pages, alive and not
+        // written while the monitor runs an EXEC (see the field).
+        let frame = unsafe { &*self.pages.as_ptr().add(slot) };
+        if frame.kernel == 0 {
+            return None;
+        }
+        // SAFETY: the dirty page is held while the monitor lives; the
+        // offset is inside it.
+        Some(f(unsafe {
+            (frame.kernel as *mut u8).add((index % PAGE_SIZE) as usize)
+        }))
+    }
+}
+
+impl DirtyBytes for UserDirty<'_> {
+    fn page_count(&self) -> u64 {
+        self.ram.pages()
+    }
+
+    fn load(&self, page: RamPage) -> u8 {
+        // SAFETY: one byte inside a held page; the client may write it
+        // concurrently, hence volatile.
+        self.with(page, |p| unsafe { core::ptr::read_volatile(p) })
+            .unwrap_or(ALL_DIRTY)
+    }
+
+    fn store(&mut self, page: RamPage, value: u8) {
+        // SAFETY: as above.
+        self.with(page, |p| unsafe { core::ptr::write_volatile(p, value) });
+    }
+}
+
+/// One of the client's list pages, through its kernel mapping.
+struct ListPage(NonNull<u64>);
+
+impl SharedList for ListPage {
+    fn capacity(&self) -> usize {
+        (PAGE_SIZE / 8) as usize
+    }
+
+    fn read(&self, index: usize) -> u64 {
+        if index >= self.capacity() {
+            return 0;
+        }
+        // SAFETY: the held list page has 512 entries; volatile because the
+        // client shares it.
+        unsafe { core::ptr::read_volatile(self.0.as_ptr().add(index)) }
+    }
+
+    fn write(&mut self, index: usize, value: u64) {
+        if index < self.capacity() {
+            // SAFETY: as in `read`.
+            unsafe { core::ptr::write_volatile(self.0.as_ptr().add(index), value) };
+        }
+    }
+}
+
+/// The client's three list pages for one EXEC.
+pub struct Lists {
+    pub pages_to_flush: NonNull<u8>,
+    pub ram_pages_to_update: NonNull<u8>,
+    pub modified_ram_pages: NonNull<u8>,
+}
+
+type LockedCache<H> = LockedPages<Frame, HostArray<LockedSlot<Frame>, H>, HostArray<u32, H>>;
+
+/// What the monitor keeps between EXECs of one instance: its caches only.
+pub struct Monitor<H: Host> {
+    host: H,
+    shadow: Shadow<HostArray<ShadowNode, H>>,
+    tables: HostTables<H>,
+    locked: LockedCache<H>,
+    /// The pages of the client's dirty bytes, held.
+    dirty_pages: HostArray<Frame, H>,
+    cpu_paging: CpuPaging,
+    /// CPU whose switcher entry the shadow roots hold.
+    switcher_cpu: Option<usize>,
+    /// The shadow root of the previous EXEC.
+    last_root: Option<HostPhys>,
+    logged_setup_failure: bool,
+}
+
+/// What the CPU reports about paging (CPUID 80000008H and 80000001H).
+fn cpu_paging() -> CpuPaging {
+    let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
+    let bits = if max_ext >= 0x8000_0008 {
+        (core::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8
+    } else {
+        36
+    };
+    let gib =
+        max_ext >= 0x8000_0001 && core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 26) != 0;
+    CpuPaging {
+        max_phys_addr_bits: bits,
+        gib_pages: gib,
+    }
+}
+
+/// Releases a locked page after clearing every shadow leaf that maps it.
+fn unlock<S: core::ops::DerefMut<Target = [ShadowNode]>, H: Host>(
+    shadow: &mut Shadow<S>,
+    host: &H,
+    old: Unlocked<Frame>,
+) {
+    let frame = old.frame.host_phys();
+    for &leaf in old.mappings.hints() {
+        shadow.clear_leaf(leaf, frame);
+    }
+    if old.mappings.overflow {
+        shadow.clear_frame(frame);
+    }
+    // SAFETY: the frame came from hold_user_page and no leaf maps it now.
+    unsafe { host.release_user_page(&old.frame.held()) };
+}
+
+/// Registers of the guest as the exit left them, and what the client
+/// needs beside `retval`.
+struct ExitReport {
+    retval: i32,
+    error_code: u32,
+    cr2: Option<u64>,
+    next_eip: Option<u64>,
+}
+
+impl<H: Host> Monitor<H> {
+    /// The caches for one instance.
+    pub fn new(host: &H, ram: &RamParams) -> Result<Self> {
+        let mut dirty_pages =
+            HostArray::<Frame, H>::zeroed(host, ram.pages().div_ceil(PAGE_SIZE).max(1) as usize)?;
+        for (i, slot) in dirty_pages.iter_mut().enumerate() {
+            let held = match host.hold_user_page(ram.ram_dirty + i as u64 * PAGE_SIZE) {
+                Ok(h) => h,
+                Err(e) => {
+                    release_frames(host, &mut dirty_pages);
+                    return Err(e);
+                }
+            };
+            *slot = Frame::from_held(&held);
+        }
+        let nodes = HostArray::zeroed(host, SHADOW_NODES);
+        let nodes = match nodes {
+            Ok(n) => n,
+            Err(e) => {
+                release_frames(host, &mut dirty_pages);
+                return Err(e);
+            }
+        };
+        let shadow =
+            Shadow::new(nodes, switch::switcher_slot()).map_err(|_| Error::InvalidArgument)?;
+        let slots = HostArray::zeroed(host, LOCKED_SLOTS)?;
+        let buckets = HostArray::zeroed(host, LOCKED_BUCKETS)?;
+        let locked =
+            LockedPages::new(slots, buckets, LOCKED_CAP).map_err(|_| Error::InvalidArgument)?;
+        Ok(Self {
+            host: host.clone(),
+            shadow,
+            tables: HostTables { host: host.clone() },
+            locked,
+            dirty_pages,
+            cpu_paging: cpu_paging(),
+            switcher_cpu: None,
+            last_root: None,
+            logged_setup_failure: false,
+        })
+    }
+
+    /// `KQEMU_MODIFY_RAM_PAGES`: the client changed these pages.
+    pub fn modified(&mut self, map: &PhysMap<H>, ram: &RamParams, list: NonNull<u8>, count: usize) {
+        let list = ListPage(list.cast());
+        let mut mem = RamMem {
+            host: &self.host,
+            map,
+            ram,
+        };
+        for page in listed_pages(&list, count, ram.pages()) {
+            self.shadow.page_modified(page, &mut mem, &mut self.tables);
+        }
+    }
+
+    /// Runs one EXEC and fills `state` for the client.
+    pub fn exec(
+        &mut self,
+        state: &mut KqemuCpuState,
+        map: &PhysMap<H>,
+        ram: &RamParams,
+        lists: &Lists,
+    ) {
+        let report = self.run(state, map, ram, lists);
+        state.retval = report.retval;
+        if let Some(cr2) = report.cr2 {
+            state.cr2 = cr2;
+        }
+        state.error_code = report.error_code;
+        if let Some(next) = report.next_eip {
+            state.next_eip = next;
+        }
+    }
+
+    fn run(
+        &mut self,
+        state: &mut KqemuCpuState,
+        map: &PhysMap<H>,
+        ram: &RamParams,
+        lists: &Lists,
+    ) -> ExitReport {
+        let soft = ExitReport {
+            retval: KQEMU_RET_SOFTMMU,
+            error_code: 0,
+            cr2: None,
+            next_eip: None,
+        };
+        let host = self.host.clone();
+        let flush = ListPage(lists.pages_to_flush.cast());
+        let mut update = ListPage(lists.ram_pages_to_update.cast());
+        let mut modified = ListPage(lists.modified_ram_pages.cast());
+        let mut dirty = UserDirty {
+            pages: NonNull::from(&self.dirty_pages[..]).cast(),
+            len: self.dirty_pages.len(),
+            ram,
+        };
+        let mut mem = RamMem {
+            host: &host,
+            map,
+            ram,
+        };
+
+        // 1. The client's lists (client -> module), then nothing for it.
+        let flush_all = matches!(
+            Incoming::from_count(state.nb_pages_to_flush, KQEMU_MAX_PAGES_TO_FLUSH),
+            Incoming::All
+        );
+        match Incoming::from_count(state.nb_pages_to_flush, KQEMU_MAX_PAGES_TO_FLUSH) {
+            Incoming::Entries(n) => {
+                for linear in listed_linear(&flush, n) {
+                    self.shadow.invalidate_page(linear);
+                }
+            }
+            // The root cache stays exact across a full flush (shadow.rs);
+            // the revalidation below checks what was written.
+            Incoming::All => {}
+        }
+        match Incoming::from_count(state.nb_ram_pages_to_update, KQEMU_MAX_RAM_PAGES_TO_UPDATE) {
+            Incoming::Entries(n) => {
+                for page in listed_pages(&update, n, ram.pages()) {
+                    if let Some(frame) = self.locked.lookup(page) {
+                        self.shadow.write_protect_frame(frame.host_phys());
+                    }
+                }
+            }
+            Incoming::All => {
+                self.shadow.write_protect_all();
+            }
+        }
+        let modified_in = state.nb_modified_ram_pages.min(512) as usize;
+        for page in listed_pages(&modified, modified_in, ram.pages()) {
+            self.shadow.page_modified(page, &mut mem, &mut self.tables);
+        }
+        state.nb_pages_to_flush = 0;
+        state.nb_ram_pages_to_update = 0;
+        state.nb_modified_ram_pages = 0;
+        let mut tracker = DirtyTracker::new();
+
+        // 2. Is the state runnable natively?
+        let Ok(entry) = validate_normal_mode(state, self.cpu_paging) else {
+            return soft;
+        };
+        if !runnable(&entry) {
+            return soft;
+        }
+
+        // 3. The address space.
+        let key = entry.paging.address_space_key();
+        let Ok(selected) = self.shadow.select(key, &mut self.tables) else {
+            host.log(format_args!("EXEC: no memory for shadow page tables"));
+            return soft;
+        };
+        // Writes the module did not see (neither a guest write fault nor
+        // the client's modified list) matter when the client flushes
+        // everything or the address space changes (shadow.rs "Why the
+        // cached roots stay exact"); otherwise the kept tables are exact.
+        if flush_all || self.last_root != Some(selected.root) {
+            let rewatch = self.shadow.revalidate_current(
+                |p| DirtyTracker::written_since_watch(p, &dirty),
+                &mut mem,
+                &mut self.tables,
+            );
+            for &page in rewatch.pages() {
+                self.watch(page, &mut tracker, &mut dirty, &mut update);
+            }
+        }
+        self.last_root = Some(selected.root);
+
+        let mut area = area_from_state(state, &entry);
+        let descriptors = entry_descriptors(&entry);
+        let mut report = ExitReport {
+            retval: KQEMU_RET_INTR,
+            error_code: 0,
+            cr2: None,
+            next_eip: None,
+        };
+
+        for _ in 0..MAX_EXITS_PER_EXEC {
+            let exit = match self.run_once(&mut area, &descriptors, &entry) {
+                Some(exit) => exit,
+                None => {
+                    report = ExitReport {
+                        retval: KQEMU_RET_ABORT,
+                        ..soft
+                    };
+                    break;
+                }
+            };
+            if exit.entry_failed {
+                report = soft;
+                break;
+            }
+            if exit.vector >= switch::FIRST_EXTERNAL_VECTOR
+                || exit.vector == switch::VECTOR_NMI
+                || exit.vector == switch::VECTOR_MACHINE_CHECK
+            {
+                if host.should_yield() {
+                    break;
+                }
+                continue;
+            }
+            if exit.vector == VEC_PF {
+                match self.page_fault(
+                    &exit,
+                    &entry,
+                    map,
+                    ram,
+                    &mut tracker,
+                    &mut dirty,
+                    &mut modified,
+                    &mut update,
+                ) {
+                    Ok(()) => continue,
+                    Err(r) => {
+                        report = r;
+                        break;
+                    }
+                }
+            }
+            let code = read_code(&entry, &area, &mut mem, map);
+            let outcome = classify(
+                exit.vector,
+                exit.error_code,
+                &code.0[..code.1],
+                entry.syscall_enabled,
+            );
+            let next = |len: u64| next_ip(&entry, area.rip, len);
+            report = match outcome {
+                Outcome::Exception { error_code, .. } => ExitReport {
+                    retval: outcome.retval(),
+                    error_code,
+                    cr2: None,
+                    next_eip: None,
+                },
+                Outcome::Int { length, .. } => ExitReport {
+                    retval: outcome.retval(),
+                    error_code: 0,
+                    cr2: None,
+                    next_eip: Some(next(u64::from(length))),
+                },
+                Outcome::Syscall => ExitReport {
+                    retval: outcome.retval(),
+                    error_code: 0,
+                    cr2: None,
+                    next_eip: Some(next(2)),
+                },
+                Outcome::SoftMmu | Outcome::Abort => ExitReport {
+                    retval: outcome.retval(),
+                    ..soft
+                },
+            };
+            break;
+        }
+
+        copy_out(state, &area, &entry);
+        let (updates, mods) = tracker.counts();
+        state.nb_ram_pages_to_update = updates;
+        state.nb_modified_ram_pages = mods;
+        report
+    }
+
+    fn watch(
+        &mut self,
+        page: RamPage,
+        tracker: &mut DirtyTracker,
+        dirty: &mut UserDirty<'_>,
+        update: &mut ListPage,
+    ) {
+        if let Watch::Started { was_writable: true } = tracker.watch(page, dirty, update) {
+            if let Some(frame) = self.locked.lookup(page) {
+                self.shadow.write_protect_frame(frame.host_phys());
+            }
+        }
+    }
+
+    /// One entry into the guest and back. `None` when this host cannot
+    /// run guest code.
+    fn run_once(
+        &mut self,
+        area: &mut SwitchArea,
+        descriptors: &[(u16, u64)],
+        entry: &NormalModeEntry,
+    ) -> Option<Exit> {
+        let cpu = self.host.cpu_enter()?;
+        let host = self.host.clone();
+        // SAFETY: cpu_enter pinned this thread to `cpu` until cpu_leave.
+        let prepared = unsafe { switch::prepare_cpu(cpu, |v| host.virt_to_phys(v)) };
+        let mut sw = match prepared {
+            Ok(sw) => sw,
+            Err(e) => {
+                self.host.cpu_leave();
+                if !self.logged_setup_failure {
+                    self.logged_setup_failure = true;
+                    self.host
+                        .log(format_args!("EXEC: no switcher on CPU {cpu}: {e:?}"));
+                }
+                return Some(Exit {
+                    vector: 0,
+                    error_code: 0,
+                    cr2: 0,
+                    entry_failed: true,
+                    pending_nmi: false,
+                    pending_mc: false,
+                });
+            }
+        };
+        if self.switcher_cpu != Some(cpu) {
+            self.shadow.set_switcher_entry(sw.pml4_entry());
+            self.switcher_cpu = Some(cpu);
+        }
+        let root = self.shadow.current_root();
+        let cs_index = sw.host_cs_index();
+        let usable = root.is_some()
+            && descriptors.iter().all(|&(i, _)| i != cs_index)
+            && sw.set_guest_descriptors(descriptors).is_some();
+        if !usable {
+            self.host.cpu_leave();
+            return Some(Exit {
+                vector: 0,
+                error_code: 0,
+                cr2: 0,
+                entry_failed: true,
+                pending_nmi: false,
+                pending_mc: false,
+            });
+        }
+        let host_cr4 = switch::read_cr4();
+        let setup = RunSetup {
+            shadow_cr3: root.map_or(0, |r| r.as_u64()),
+            cr0: guest_cr0(read_cr0_host(), entry.cr0),
+            cr4: guest_cr4(host_cr4, entry.cr4),
+            efer: switch::read_efer() & !Efer::SCE.bits(),
+        };
+        *sw.area() = *area;
+        let flags = switch::interrupts_disable();
+        // SAFETY: the shadow root maps the switcher at its reserved slot
+        // and guest user pages only; the state was validated and its
+        // descriptors written; CR0/CR4/EFER differ from the host's only in
+        // bits the guest may own.
+        let exit = unsafe { sw.run(&setup) };
+        if host_cr4 & Cr4::PCIDE.bits() != 0 {
+            flush_all_pcids(host_cr4);
+        }
+        if exit.pending_nmi {
+            // SAFETY: the host's tables are back; it handles NMIs.
+            unsafe { switch::reraise(switch::VECTOR_NMI) };
+        }
+        if exit.pending_mc {
+            // SAFETY: as above, for machine checks.
+            unsafe { switch::reraise(switch::VECTOR_MACHINE_CHECK) };
+        }
+        if !exit.entry_failed
+            && (exit.vector >= switch::FIRST_EXTERNAL_VECTOR
+                || exit.vector == switch::VECTOR_NMI
+                || exit.vector == switch::VECTOR_MACHINE_CHECK)
+        {
+            // SAFETY: a host interrupt or NMI taken in guest mode: the
+            // host's own handler gets it now, on the host's tables.
+            unsafe { switch::reraise(exit.vector) };
+        }
+        *area = *sw.area();
+        switch::interrupts_restore(flags);
+        self.host.cpu_leave();
+        Some(exit)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn page_fault(
+        &mut self,
+        exit: &Exit,
+        entry: &NormalModeEntry,
+        map: &PhysMap<H>,
+        ram: &RamParams,
+        tracker: &mut DirtyTracker,
+        dirty: &mut UserDirty<'_>,
+        modified: &mut ListPage,
+        update: &mut ListPage,
+    ) -> core::result::Result<(), ExitReport> {
+        let soft = ExitReport {
+            retval: KQEMU_RET_SOFTMMU,
+            error_code: 0,
+            cr2: None,
+            next_eip: None,
+        };
+        let host = self.host.clone();
+        let mut mem = RamMem {
+            host: &host,
+            map,
+            ram,
+        };
+        let access = if exit.error_code & (1 << 1) != 0 {
+            Access::USER_WRITE
+        } else if exit.error_code & (1 << 4) != 0 {
+            Access::USER_FETCH
+        } else {
+            Access::USER_READ
+        };
+        let linear = GuestVirt::new(exit.cr2);
+        let t = match translate(&entry.paging, &mut mem, linear, access) {
+            Ok(t) => t,
+            Err(WalkError::PageFault(pf)) => {
+                return Err(ExitReport {
+                    retval: KQEMU_RET_EXCEPTION | i32::from(VEC_PF),
+                    error_code: pf.code.bits(),
+                    cr2: Some(pf.linear.as_u64()),
+                    next_eip: None,
+                })
+            }
+            Err(_) => return Err(soft),
+        };
+        let Ok(native) = native_page(map.backing(t.frame()), access.kind) else {
+            return Err(soft);
+        };
+        let page = native.page;
+        if u64::from(page.index()) >= ram.pages() {
+            return Err(soft);
+        }
+        let Some(derivation) = Derivation::from_walk(&t.path, |gp| match map.backing(gp) {
+            PageBacking::Ram(p) | PageBacking::Rom(p) => Some(p),
+            PageBacking::Comm | PageBacking::Unassigned => None,
+        }) else {
+            return Err(soft);
+        };
+        let write = access.kind == AccessKind::Write;
+        if write && !native.read_only && dirty.load(page) != ALL_DIRTY {
+            match tracker.write_fault(page, dirty, modified, update) {
+                WriteFault::ListFull => return Err(soft),
+                WriteFault::Writable { was_watched } => {
+                    if was_watched && self.shadow.page_modified(page, &mut mem, &mut self.tables) {
+                        // Shadow state still derives from the page the
+                        // guest writes: the client emulates the write.
+                        return Err(soft);
+                    }
+                }
+            }
+        }
+        for step in derivation.steps() {
+            self.watch(step.page, tracker, dirty, update);
+        }
+        let frame = match self.lock(page, ram) {
+            Some(f) => f,
+            None => return Err(soft),
+        };
+        let Some(mapping) =
+            LeafMapping::for_translation(&t, frame.host_phys(), native, dirty.load(page))
+        else {
+            return Err(soft);
+        };
+        match self
+            .shadow
+            .install(linear, mapping, &derivation, &mut self.tables)
+        {
+            Ok(leaf) => self.locked.add_mapping(page, leaf),
+            Err(_) => return Err(soft),
+        }
+        if write && !mapping.writable {
+            return Err(soft);
+        }
+        Ok(())
+    }
+
+    /// The locked frame of guest RAM page `page`, locking it now if needed.
+    fn lock(&mut self, page: RamPage, ram: &RamParams) -> Option<Frame> {
+        if let Some(frame) = self.locked.lookup(page) {
+            return Some(frame);
+        }
+        let held = self
+            .host
+            .hold_user_page(ram.ram_base + page.offset())
+            .ok()?;
+        let frame = Frame::from_held(&held);
+        let Self {
+            shadow,
+            locked,
+            host,
+            ..
+        } = self;
+        match locked.insert(page, frame, |old| unlock(shadow, host, old)) {
+            Ok(()) => Some(frame),
+            Err(f) => {
+                // SAFETY: held just above, never mapped.
+                unsafe { host.release_user_page(&f.held()) };
+                None
+            }
+        }
+    }
+}
+
+impl<H: Host> Drop for Monitor<H> {
+    fn drop(&mut self) {
+        let Self {
+            shadow,
+            locked,
+            host,
+            tables,
+            dirty_pages,
+            ..
+        } = self;
+        locked.clear(|old| unlock(shadow, host, old));
+        shadow.drop_all(tables);
+        release_frames(host, dirty_pages);
+    }
+}
+
+/// Whether the validated state can run natively on this monitor: debug
+/// registers, a guest CR0.TS or EM (FPU ownership stays with the host,
+/// ARCHITECTURE.md), LDT selectors and 16-bit stacks need the client.
+fn runnable(entry: &NormalModeEntry) -> bool {
+    entry.debug.is_none()
+        && !entry.cr0.intersects(Cr0::TS | Cr0::EM)
+        && !entry.stack_16bit
+        && entry.segments.iter().all(|s| !s.selector.in_ldt())
+}
+
+/// The descriptors the run loads, at their GDT indices.
+fn entry_descriptors(entry: &NormalModeEntry) -> heapless_list::List {
+    let mut list = heapless_list::List::default();
+    for s in entry.segments.iter() {
+        if let Some(d) = s.descriptor {
+            list.push(s.selector.index(), d.0);
+        }
+    }
+    list
+}
+
+mod heapless_list {
+    /// At most six (index, descriptor) pairs, without a heap.
+    #[derive(Default)]
+    pub struct List {
+        items: [(u16, u64); 6],
+        len: usize,
+    }
+
+    impl List {
+        pub fn push(&mut self, index: u16, raw: u64) {
+            if self.items[..self.len].iter().any(|&(i, _)| i == index) {
+                return;
+            }
+            if let Some(slot) = self.items.get_mut(self.len) {
+                *slot = (index, raw);
+                self.len += 1;
+            }
+        }
+    }
+
+    impl core::ops::Deref for List {
+        type Target = [(u16, u64)];
+        fn deref(&self) -> &[(u16, u64)] {
+            &self.items[..self.len]
+        }
+    }
+}
+
+fn read_cr0_host() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 at CPL 0 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// CR0 while the guest runs: the host's, with the guest's AM (alignment
+/// checks at CPL 3 follow the guest kernel's choice, SDM Vol. 3A 2.5).
+pub fn guest_cr0(host: u64, guest: Cr0) -> u64 {
+    (host & !Cr0::AM.bits()) | (guest.bits() & Cr0::AM.bits())
+}
+
+/// CR4 while the guest runs: the host's, with the guest's TSD and PCE
+/// (which decide whether RDTSC/RDPMC fault at CPL 3), and FSGSBASE only
+/// when both enable it. UMIP stays as the host has it: with it, SGDT and
+/// friends fault and the client answers with the guest's own values.
+pub fn guest_cr4(host: u64, guest: Cr4) -> u64 {
+    let follow = Cr4::TSD.bits() | Cr4::PCE.bits();
+    let mut cr4 = (host & !follow) | (guest.bits() & follow);
+    if !guest.contains(Cr4::FSGSBASE) {
+        cr4 &= !Cr4::FSGSBASE.bits();
+    }
+    cr4
+}
+
+/// Drops the shadow's translations from every PCID (CR4.PCIDE hosts: the
+/// shadow ran with PCID 0, which the host uses too): toggling CR4.PGE
+/// invalidates all TLB entries of all PCIDs (SDM Vol. 3A 4.10.4.1).
+fn flush_all_pcids(cr4: u64) {
+    if cr4 & Cr4::PGE.bits() == 0 {
+        return;
+    }
+    // SAFETY: writing back the host's CR4 with PGE toggled and restored;
+    // interrupts are disabled around it.
+    unsafe {
+        core::arch::asm!(
+            "mov cr4, {0}",
+            "mov cr4, {1}",
+            in(reg) cr4 & !Cr4::PGE.bits(),
+            in(reg) cr4,
+            options(nostack)
+        )
+    };
+}
+
+/// The switch area for the state: registers, the IRETQ frame, data
+/// selectors and the 64-bit FS/GS bases.
+fn area_from_state(state: &KqemuCpuState, entry: &NormalModeEntry) -> SwitchArea {
+    let mut a = SwitchArea {
+        regs: state.regs,
+        rip: state.eip,
+        cs: u64::from(state.segs[seg::CS].selector),
+        rflags: state.eflags,
+        rsp: state.regs[4],
+        ss: u64::from(state.segs[seg::SS].selector),
+        ds: u64::from(state.segs[seg::DS].selector),
+        es: u64::from(state.segs[seg::ES].selector),
+        fs: u64::from(state.segs[seg::FS].selector),
+        gs: u64::from(state.segs[seg::GS].selector),
+        ..SwitchArea::default()
+    };
+    if let Some(base) = entry.segments[seg::FS].base_msr {
+        a.fs_base = base;
+        a.load_bases |= 1;
+    }
+    if let Some(base) = entry.segments[seg::GS].base_msr {
+        a.gs_base = base;
+        a.load_bases |= 2;
+    }
+    a
+}
+
+/// Copies the guest's registers back into the state (ABI.md: the client
+/// reads regs, eip, eflags, segs and cr2 back).
+fn copy_out(state: &mut KqemuCpuState, a: &SwitchArea, entry: &NormalModeEntry) {
+    let before = state.segs;
+    state.regs = a.regs;
+    state.regs[4] = a.rsp;
+    state.eip = a.rip;
+    state.eflags = a.rflags;
+    let now = [a.es, a.cs, a.ss, a.ds, a.fs, a.gs];
+    for (i, &sel) in now.iter().enumerate() {
+        let sel = sel as u16;
+        if sel != before[i].selector {
+            state.segs[i] = cache_for(sel, &before);
+        }
+    }
+    if entry.mode == CpuMode::Long {
+        state.segs[seg::FS].base = a.fs_base;
+        state.segs[seg::GS].base = a.gs_base;
+    }
+}
+
+/// The cache of a selector the guest loaded natively: only descriptors of
+/// the entry registers are in the monitor GDT, so it is a copy of one of
+/// them, or null.
+fn cache_for(sel: u16, before: &[KqemuSegmentCache; seg::COUNT]) -> KqemuSegmentCache {
+    if Selector(sel).is_null() {
+        return KqemuSegmentCache {
+            selector: sel,
+            ..KqemuSegmentCache::default()
+        };
+    }
+    let mut cache = before
+        .iter()
+        .find(|c| c.selector & !3 == sel & !3)
+        .copied()
+        .unwrap_or_default();
+    cache.selector = sel;
+    cache
+}
+
+/// Linear address of the next instruction after `len` bytes, as the
+/// client's `next_eip` (an offset in CS, wrapped to the code size).
+fn next_ip(entry: &NormalModeEntry, rip: u64, len: u64) -> u64 {
+    let next = rip.wrapping_add(len);
+    match entry.code_size {
+        CodeSize::Bits64 => next,
+        CodeSize::Bits32 => next & 0xffff_ffff,
+        CodeSize::Bits16 => next & 0xffff,
+    }
+}
+
+/// Up to two bytes of guest code at CS:RIP, read through the guest's
+/// tables (a byte that cannot be read ends the slice).
+fn read_code<H: Host>(
+    entry: &NormalModeEntry,
+    a: &SwitchArea,
+    mem: &mut RamMem<'_, H>,
+    map: &PhysMap<H>,
+) -> ([u8; 2], usize) {
+    let mut out = [0u8; 2];
+    let cs_base = entry.segments[seg::CS]
+        .descriptor
+        .map_or(0, |d| u64::from(d.base()));
+    // One walk per page: the second byte is almost always on the first
+    // one's page.
+    let mut page: Option<(u64, GuestPhys)> = None;
+    for (i, byte) in out.iter_mut().enumerate() {
+        let mut linear = cs_base.wrapping_add(a.rip).wrapping_add(i as u64);
+        if entry.mode == CpuMode::Legacy || entry.code_size != CodeSize::Bits64 {
+            linear &= 0xffff_ffff;
+        }
+        let frame = match page {
+            Some((l, f)) if l == linear & !0xfff => f,
+            _ => {
+                let Ok(t) = translate(
+                    &entry.paging,
+                    mem,
+                    GuestVirt::new(linear),
+                    Access::USER_FETCH,
+                ) else {
+                    return (out, i);
+                };
+                if !matches!(
+                    map.backing(t.frame()),
+                    PageBacking::Ram(_) | PageBacking::Rom(_)
+                ) {
+                    return (out, i);
+                }
+                page = Some((linear & !0xfff, t.frame()));
+                t.frame()
+            }
+        };
+        let phys = frame.as_u64() | (linear & 0xfff);
+        let Ok(word) = mem.read_u64(GuestPhys::new(phys & !7)) else {
+            return (out, i);
+        };
+        *byte = (word >> ((phys & 7) * 8)) as u8;
+    }
+    (out, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::CODE_DIRTY_FLAG;
+    use crate::host::HeldUserPage;
+    use std::boxed::Box;
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    /// A host whose user memory persists (the guest's RAM, dirty bytes and
+    /// lists live in it), so the monitor's walks and the dirty protocol
+    /// can be checked without running guest code.
+    #[derive(Clone, Default)]
+    struct MemHost {
+        pages: Arc<Mutex<BTreeMap<u64, Box<[u64; 512]>>>>,
+    }
+
+    impl MemHost {
+        fn page(&self, addr: u64) -> *mut u8 {
+            let mut pages = self.pages.lock().expect("pages");
+            let page = pages
+                .entry(addr & !0xfff)
+                .or_insert_with(|| Box::new([0; 512]));
+            // SAFETY: inside the page; the boxes never move while the map
+            // lives.
+            unsafe { (page.as_mut_ptr() as *mut u8).add((addr & 0xfff) as usize) }
+        }
+
+        fn write_u64(&self, addr: u64, value: u64) {
+            // SAFETY: aligned, inside a page of the map.
+            unsafe { (self.page(addr) as *mut u64).write(value) }
+        }
+
+        fn read_u8(&self, addr: u64) -> u8 {
+            // SAFETY: inside a page of the map.
+            unsafe { self.page(addr).read() }
+        }
+
+        fn write_u8(&self, addr: u64, value: u8) {
+            // SAFETY: inside a page of the map.
+            unsafe { self.page(addr).write(value) }
+        }
+    }
+
+    impl Host for MemHost {
+        fn log(&self, _args: core::fmt::Arguments<'_>) {}
+        fn alloc_zeroed(&self, layout: Layout) -> Result<NonNull<u8>> {
+            // SAFETY: non-zero sizes only.
+            NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or(Error::NoMemory)
+        }
+        unsafe fn free(&self, ptr: NonNull<u8>, layout: Layout) {
+            // SAFETY: from alloc_zeroed with this layout.
+            unsafe { std::alloc::dealloc(ptr.as_ptr(), layout) }
+        }
+        fn check_user_range(&self, _addr: u64, _len: u64) -> Result<()> {
+            Ok(())
+        }
+        fn hold_user_page(&self, user_addr: u64) -> Result<HeldUserPage> {
+            Ok(HeldUserPage {
+                user_addr,
+                phys: FAKE_PHYS + user_addr,
+                kernel: NonNull::new(self.page(user_addr)).ok_or(Error::Fault)?,
+                cookie: 0,
+            })
+        }
+        unsafe fn release_user_page(&self, _page: &HeldUserPage) {}
+        fn virt_to_phys(&self, virt: u64) -> Option<u64> {
+            Some(virt)
+        }
+        fn cpu_enter(&self) -> Option<usize> {
+            None
+        }
+        fn cpu_leave(&self) {}
+        fn should_yield(&self) -> bool {
+            false
+        }
+    }
+
+    const FAKE_PHYS: u64 = 0x10_0000_0000;
+    const RAM_BASE: u64 = 0x1000_0000;
+    const RAM_PAGES: u64 = 64;
+    const DIRTY: u64 = 0x2000_0000;
+    const LISTS: [u64; 3] = [0x3000_0000, 0x3000_1000, 0x3000_2000];
+    /// Guest 4-level tables at guest-physical 0x1000..0x4fff; linear
+    /// 0x40_0000 maps guest-physical 0x10000 (user, writable).
+    const LINEAR: u64 = 0x40_0000;
+    const DATA_PHYS: u64 = 0x10000;
+
+    struct Guest {
+        host: MemHost,
+        monitor: Monitor<MemHost>,
+        map: PhysMap<MemHost>,
+        ram: RamParams,
+        entry: NormalModeEntry,
+    }
+
+    fn guest() -> Guest {
+        let host = MemHost::default();
+        let ram = RamParams {
+            ram_base: RAM_BASE,
+            ram_size: RAM_PAGES * 4096,
+            ram_dirty: DIRTY,
+        };
+        let pte = 0x7; // present, writable, user
+        host.write_u64(RAM_BASE + 0x1000, 0x2000 | pte);
+        host.write_u64(RAM_BASE + 0x2000, 0x3000 | pte);
+        host.write_u64(RAM_BASE + 0x3000 + 2 * 8, 0x4000 | pte);
+        host.write_u64(RAM_BASE + 0x4000, DATA_PHYS | pte);
+        for page in 0..RAM_PAGES {
+            host.write_u8(DIRTY + page, ALL_DIRTY);
+        }
+        let mut map = PhysMap::new(&host).expect("memory");
+        map.set(
+            0,
+            ram.ram_size,
+            Some((crate::monitor::instance::PhysKind::Ram, 0)),
+        )
+        .expect("RAM");
+        let mut state = KqemuCpuState {
+            eip: LINEAR,
+            eflags: 0x202,
+            cr0: 0x8005_0033,
+            cr3: 0x1000,
+            cr4: 0x20,
+            a20_mask: u64::MAX,
+            efer: 0x501,
+            cpl: 3,
+            user_only: 1,
+            ..KqemuCpuState::default()
+        };
+        state.segs[seg::CS] = KqemuSegmentCache {
+            selector: 0x33,
+            flags: 0x00af_fb00,
+            limit: 0xffff_ffff,
+            ..Default::default()
+        };
+        state.segs[seg::SS] = KqemuSegmentCache {
+            selector: 0x2b,
+            flags: 0x00cf_f300,
+            limit: 0xffff_ffff,
+            ..Default::default()
+        };
+        let entry = validate_normal_mode(
+            &state,
+            CpuPaging {
+                max_phys_addr_bits: 46,
+                gib_pages: true,
+            },
+        )
+        .expect("a valid 64-bit state");
+        let mut monitor = Monitor::new(&host, &ram).expect("memory");
+        monitor
+            .shadow
+            .select(entry.paging.address_space_key(), &mut monitor.tables)
+            .expect("root");
+        Guest {
+            host,
+            monitor,
+            map,
+            ram,
+            entry,
+        }
+    }
+
+    impl Guest {
+        fn fault(&mut self, linear: u64, error_code: u64, tracker: &mut DirtyTracker) -> i32 {
+            let exit = Exit {
+                vector: VEC_PF,
+                error_code,
+                cr2: linear,
+                entry_failed: false,
+                pending_nmi: false,
+                pending_mc: false,
+            };
+            let pages = [
+                NonNull::new(self.host.page(LISTS[0])).expect("page"),
+                NonNull::new(self.host.page(LISTS[1])).expect("page"),
+                NonNull::new(self.host.page(LISTS[2])).expect("page"),
+            ];
+            let mut dirty = UserDirty {
+                pages: NonNull::from(&self.monitor.dirty_pages[..]).cast(),
+                len: self.monitor.dirty_pages.len(),
+                ram: &self.ram,
+            };
+            let mut modified = ListPage(pages[2].cast());
+            let mut update = ListPage(pages[1].cast());
+            match self.monitor.page_fault(
+                &exit,
+                &self.entry,
+                &self.map,
+                &self.ram,
+                tracker,
+                &mut dirty,
+                &mut modified,
+                &mut update,
+            ) {
+                Ok(()) => 0,
+                Err(report) => report.retval,
+            }
+        }
+
+        fn leaf(&self, linear: u64) -> Option<u64> {
+            self.monitor.shadow.lookup(GuestVirt::new(linear))
+        }
+    }
+
+    #[test]
+    fn a_page_fault_fills_the_shadow_from_the_guest_walk() {
+        let mut g = guest();
+        let mut tracker = DirtyTracker::new();
+        assert_eq!(g.fault(LINEAR + 0x123, 0x4, &mut tracker), 0);
+        let leaf = g.leaf(LINEAR).expect("installed");
+        assert_eq!(
+            leaf & 0x000f_ffff_ffff_f000,
+            FAKE_PHYS + RAM_BASE + DATA_PHYS
+        );
+        // A read of a page whose guest entry is not dirty: read-only until
+        // the first write reaches the walk (which then sets D).
+        assert_eq!(leaf & 0x6, 0x4, "user, not writable");
+        assert_eq!(g.fault(LINEAR + 8, 0x7, &mut tracker), 0);
+        assert_eq!(g.leaf(LINEAR).expect("leaf") & 0x2, 0x2, "writable now");
+        // The guest's entry got A and D as the CPU would set them.
+        // SAFETY: the PTE's page exists in the host map.
+        let pte = unsafe { (g.host.page(RAM_BASE + 0x4000) as *const u64).read() };
+        assert_eq!(pte & 0x60, 0x60);
+        assert_eq!(
+            tracker.counts(),
+            (4, 0),
+            "the four table pages were reported watched"
+        );
+    }
+
+    #[test]
+    fn leaves_of_one_page_table_share_their_shadow_table() {
+        let mut g = guest();
+        g.host
+            .write_u64(RAM_BASE + 0x4000 + 0x1f0 * 8, 0x11000 | 0x7);
+        let mut tracker = DirtyTracker::new();
+        assert_eq!(g.fault(LINEAR, 0x14, &mut tracker), 0);
+        assert_eq!(g.fault(LINEAR + 0x1f_0000, 0x6, &mut tracker), 0);
+        // Filling the second page kept the first (a code page and a data
+        // page of one program under one guest page table).
+        assert!(g.leaf(LINEAR).is_some());
+        assert!(g.leaf(LINEAR + 0x1f_0000).is_some());
+    }
+
+    #[test]
+    fn instruction_bytes_come_through_the_guest_walk() {
+        let g = guest();
+        g.host.write_u8(RAM_BASE + DATA_PHYS + 0x10, 0x0f);
+        g.host.write_u8(RAM_BASE + DATA_PHYS + 0x11, 0x05);
+        g.host.write_u8(RAM_BASE + DATA_PHYS + 0xfff, 0xcd);
+        let mut mem = RamMem {
+            host: &g.host,
+            map: &g.map,
+            ram: &g.ram,
+        };
+        let at = |rip: u64| SwitchArea {
+            rip,
+            ..SwitchArea::default()
+        };
+        assert_eq!(
+            read_code(&g.entry, &at(LINEAR + 0x10), &mut mem, &g.map),
+            ([0x0f, 0x05], 2)
+        );
+        // The next page is not mapped: one byte.
+        assert_eq!(
+            read_code(&g.entry, &at(LINEAR + 0xfff), &mut mem, &g.map),
+            ([0xcd, 0], 1)
+        );
+        assert_eq!(read_code(&g.entry, &at(0x60_0000), &mut mem, &g.map).1, 0);
+    }
+
+    #[test]
+    fn a_guest_fault_is_the_guests_with_its_error_code() {
+        let mut g = guest();
+        let mut tracker = DirtyTracker::new();
+        // Nothing maps 0x60_0000 (PD entry 3 is empty).
+        assert_eq!(
+            g.fault(0x60_0010, 0x6, &mut tracker),
+            KQEMU_RET_EXCEPTION | 14
+        );
+        assert!(g.leaf(0x60_0000).is_none());
+    }
+
+    #[test]
+    fn the_first_write_to_a_translated_page_is_reported() {
+        let mut g = guest();
+        let data_page = DATA_PHYS / 4096;
+        // The client translated code from the page: dirty byte without
+        // CODE_DIRTY_FLAG.
+        g.host
+            .write_u8(DIRTY + data_page, ALL_DIRTY & !CODE_DIRTY_FLAG);
+        let mut tracker = DirtyTracker::new();
+        assert_eq!(g.fault(LINEAR, 0x7, &mut tracker), 0);
+        assert_eq!(g.host.read_u8(DIRTY + data_page), ALL_DIRTY);
+        let (updates, modified) = tracker.counts();
+        assert_eq!(modified, 1);
+        // SAFETY: the list page exists in the host map.
+        let first = unsafe { (g.host.page(LISTS[2]) as *const u64).read() };
+        assert_eq!(first, DATA_PHYS, "modified_ram_pages names the RAM offset");
+        assert!(updates >= 1);
+        assert_eq!(g.leaf(LINEAR).expect("leaf") & 0x2, 0x2);
+    }
+
+    #[test]
+    fn a_write_to_a_page_table_goes_to_the_client() {
+        let mut g = guest();
+        // Map the guest's own page table at 0x40_1000, writable.
+        g.host.write_u64(RAM_BASE + 0x4000 + 8, 0x4000 | 0x67);
+        let mut tracker = DirtyTracker::new();
+        assert_eq!(
+            g.fault(LINEAR + 0x1000, 0x7, &mut tracker),
+            KQEMU_RET_SOFTMMU
+        );
+        let leaf = g.leaf(LINEAR + 0x1000);
+        assert!(
+            leaf.is_none_or(|l| l & 0x2 == 0),
+            "never writable: {leaf:?}"
+        );
+    }
+
+    #[test]
+    fn software_interrupts_become_int_with_their_length() {
+        let gp = |n: u64| (n << 3) | ERROR_IDT;
+        assert_eq!(
+            classify(13, gp(0x80), &[0xcd, 0x80], true),
+            Outcome::Int {
+                vector: 0x80,
+                length: 2
+            }
+        );
+        assert_eq!(
+            classify(13, gp(3), &[0xcc, 0x90], true),
+            Outcome::Int {
+                vector: 3,
+                length: 1
+            }
+        );
+        assert_eq!(
+            classify(13, gp(4), &[0xce], true),
+            Outcome::Int {
+                vector: 4,
+                length: 1
+            }
+        );
+        // The bytes do not match the vector: the client decides.
+        assert_eq!(
+            classify(13, gp(0x81), &[0xcd, 0x80], true),
+            Outcome::SoftMmu
+        );
+        // QEMU TCG's 64-bit error code (vector * 16 + 2) names it too.
+        assert_eq!(
+            classify(13, (0x81 << 4) | 2, &[0xcd, 0x81], true),
+            Outcome::Int {
+                vector: 0x81,
+                length: 2
+            }
+        );
+        assert_eq!(classify(13, gp(0x80), &[], true), Outcome::SoftMmu);
+        // A #GP without the IDT bit is the client's to emulate.
+        assert_eq!(classify(13, 0, &[0xee], true), Outcome::SoftMmu);
+        assert_eq!(
+            Outcome::Int {
+                vector: 0x80,
+                length: 2
+            }
+            .retval(),
+            0x180
+        );
+    }
+
+    #[test]
+    fn syscall_and_sysenter_follow_kqemu() {
+        assert_eq!(classify(6, 0, &[0x0f, 0x05], true), Outcome::Syscall);
+        assert_eq!(KQEMU_RET_SYSCALL, Outcome::Syscall.retval());
+        assert_eq!(
+            classify(6, 0, &[0x0f, 0x05], false),
+            Outcome::Exception {
+                vector: 6,
+                error_code: 0
+            }
+        );
+        assert_eq!(classify(6, 0, &[0x0f, 0x34], true), Outcome::SoftMmu);
+        assert_eq!(
+            classify(6, 0, &[0x0f, 0x0b], true),
+            Outcome::Exception {
+                vector: 6,
+                error_code: 0
+            }
+        );
+    }
+
+    #[test]
+    fn guest_exceptions_and_the_rest() {
+        for v in [0u8, 1, 3, 4, 5, 7, 16, 17, 19] {
+            assert_eq!(
+                classify(v, 0, &[], true),
+                Outcome::Exception {
+                    vector: v,
+                    error_code: 0
+                },
+                "{v}"
+            );
+        }
+        assert_eq!(classify(8, 0, &[], true), Outcome::Abort);
+        for v in [10u8, 11, 12, 13, 20, 21, 31] {
+            assert_eq!(classify(v, 0x18, &[], true), Outcome::SoftMmu, "{v}");
+        }
+        assert_eq!(
+            Outcome::Exception {
+                vector: 14,
+                error_code: 5
+            }
+            .retval(),
+            14
+        );
+    }
+
+    #[test]
+    fn control_registers_for_the_guest() {
+        let host_cr0 = 0x8005_0033 | Cr0::AM.bits();
+        assert_eq!(guest_cr0(host_cr0, Cr0::PE), host_cr0 & !Cr0::AM.bits());
+        assert_eq!(
+            guest_cr0(host_cr0 & !Cr0::AM.bits(), Cr0::PE | Cr0::AM),
+            host_cr0
+        );
+        let host_cr4 = (Cr4::PAE | Cr4::PGE | Cr4::OSFXSR | Cr4::UMIP | Cr4::FSGSBASE).bits();
+        let g = guest_cr4(host_cr4, Cr4::PAE | Cr4::TSD);
+        assert_eq!(g & Cr4::TSD.bits(), Cr4::TSD.bits());
+        assert_eq!(g & Cr4::UMIP.bits(), Cr4::UMIP.bits(), "UMIP kept");
+        assert_eq!(g & Cr4::FSGSBASE.bits(), 0, "guest without FSGSBASE");
+        assert_eq!(g & Cr4::PGE.bits(), Cr4::PGE.bits());
+    }
+
+    #[test]
+    fn native_selector_loads_copy_an_entry_cache() {
+        let mut before = [KqemuSegmentCache::default(); seg::COUNT];
+        before[seg::DS] = KqemuSegmentCache {
+            selector: 0x2b,
+            flags: 0x00cf_f300,
+            base: 0,
+            limit: 0xffff_ffff,
+            ..Default::default()
+        };
+        let c = cache_for(0x2b, &before);
+        assert_eq!(
+            (c.selector, c.flags, c.limit),
+            (0x2b, 0x00cf_f300, 0xffff_ffff)
+        );
+        let null = cache_for(0, &before);
+        assert_eq!((null.selector, null.flags), (0, 0));
+    }
+}

@@ -1,0 +1,321 @@
+/*
+ * The world switch: entry into guest code at ring 3 and every way back.
+ * Included by switch.rs through global_asm! (AT&T syntax); the numbers
+ * named A_* (offsets in struct SwitchArea), MSR_* and VECTOR_STUB_SIZE
+ * come from there as `const` operands.
+ *
+ * Everything here is position independent: branches are relative, data is
+ * reached through registers only, so the pages can run at the address the
+ * host loaded them at, in the host's address space and in the shadow one,
+ * where the switcher maps them at the same virtual addresses
+ * (ARCHITECTURE.md "Where the monitor lives"). The section is page aligned
+ * and padded to whole pages so that no other host code shares its pages.
+ *
+ * Order of the table switches (why an NMI at any instruction boundary finds
+ * a working IDT, GDT, TSS and stack):
+ * - the monitor IDT's gates use the host's own kernel CS selector, and the
+ *   monitor GDT holds a copy of the host's CS descriptor at that index;
+ * - SS is null while anything but the host's tables is loaded (an IRETQ to
+ *   CPL 0 accepts a null SS in 64-bit mode);
+ * - the monitor IDT is loaded only while the monitor TSS is (its gates all
+ *   use IST stacks, whose top word names the switch area), and the host IDT
+ *   meets the monitor TSS only with the host's GS base loaded and the
+ *   host's per-CPU pointer at the top of every IST stack (FreeBSD's NMI,
+ *   MC and DB handlers read it there, struct nmi_pcpu);
+ * - the monitor's pages are mapped at the same address in both address
+ *   spaces, so the CR3 switch can sit anywhere in between.
+ */
+
+    .section .text.kqemu_switch, "ax", @progbits
+    .balign 4096
+    .globl kqemu_switch_text_start
+kqemu_switch_text_start:
+
+/*
+ * void kqemu_switch_run(struct SwitchArea *area)   (System V: %rdi)
+ * Called with host interrupts disabled. Returns after the guest exited;
+ * the exit is described in the area.
+ */
+    .globl kqemu_switch_run
+kqemu_switch_run:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    pushfq
+    cli
+    movq %rdi, %rbx
+    movq %rsp, {A_HOST_RSP}(%rbx)
+
+    /* Host state the run changes. */
+    movq %cr3, %rax
+    movq %rax, {A_HOST_CR3}(%rbx)
+    sgdt {A_HOST_GDTR}+6(%rbx)
+    sidt {A_HOST_IDTR}+6(%rbx)
+    sldt {A_HOST_LDTR}(%rbx)
+    str {A_HOST_TR}(%rbx)
+    movw %ds, {A_HOST_DS}(%rbx)
+    movw %es, {A_HOST_ES}(%rbx)
+    movw %fs, {A_HOST_FS}(%rbx)
+    movw %gs, {A_HOST_GS}(%rbx)
+    movw %ss, {A_HOST_SS}(%rbx)
+    movl ${MSR_FS_BASE}, %ecx
+    rdmsr
+    movl %eax, {A_HOST_FS_BASE}(%rbx)
+    movl %edx, {A_HOST_FS_BASE}+4(%rbx)
+    movl ${MSR_GS_BASE}, %ecx
+    rdmsr
+    movl %eax, {A_HOST_GS_BASE}(%rbx)
+    movl %edx, {A_HOST_GS_BASE}+4(%rbx)
+
+    /* SYSENTER_CS = 0 while the guest runs: SYSENTER then raises #GP
+     * instead of entering the host at ring 0 (SDM Vol. 2B SYSENTER). */
+    movl ${MSR_SYSENTER_CS}, %ecx
+    rdmsr
+    movl %eax, {A_HOST_SYSENTER_CS}(%rbx)
+    testl %eax, %eax
+    jz 1f
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+1:
+    /* EFER for the guest (SCE clear: SYSCALL raises #UD). */
+    movl ${MSR_EFER}, %ecx
+    movl {A_GUEST_EFER}(%rbx), %eax
+    movl {A_GUEST_EFER}+4(%rbx), %edx
+    wrmsr
+    movq {A_GUEST_CR4}(%rbx), %rax
+    cmpq {A_HOST_CR4}(%rbx), %rax
+    je 1f
+    movq %rax, %cr4
+1:
+    movq {A_GUEST_CR0}(%rbx), %rax
+    cmpq {A_HOST_CR0}(%rbx), %rax
+    je 1f
+    movq %rax, %cr0
+1:
+    xorl %eax, %eax
+    movw %ax, %ss
+
+    lgdt {A_MON_GDTR}+6(%rbx)
+    ltr {A_MON_TR}(%rbx)
+    lidt {A_MON_IDTR}+6(%rbx)
+    xorl %eax, %eax
+    lldt %ax
+    movq {A_SHADOW_CR3}(%rbx), %rax
+    movq %rax, %cr3
+
+    /* A fault from here to the IRETQ (a descriptor the CPU refuses) comes
+     * back through the exit path as a ring-0 event: the run fails. */
+    movw {A_GUEST_DS}(%rbx), %ds
+    movw {A_GUEST_ES}(%rbx), %es
+    movw {A_GUEST_FS}(%rbx), %fs
+    movw {A_GUEST_GS}(%rbx), %gs
+    testq $1, {A_LOAD_BASES}(%rbx)
+    jz 1f
+    movl ${MSR_FS_BASE}, %ecx
+    movl {A_GUEST_FS_BASE}(%rbx), %eax
+    movl {A_GUEST_FS_BASE}+4(%rbx), %edx
+    wrmsr
+1:
+    testq $2, {A_LOAD_BASES}(%rbx)
+    jz 1f
+    movl ${MSR_GS_BASE}, %ecx
+    movl {A_GUEST_GS_BASE}(%rbx), %eax
+    movl {A_GUEST_GS_BASE}+4(%rbx), %edx
+    wrmsr
+1:
+    movq %rbx, %rsp
+    movq 8(%rsp), %rcx
+    movq 16(%rsp), %rdx
+    movq 24(%rsp), %rbx
+    movq 40(%rsp), %rbp
+    movq 48(%rsp), %rsi
+    movq 56(%rsp), %rdi
+    movq 64(%rsp), %r8
+    movq 72(%rsp), %r9
+    movq 80(%rsp), %r10
+    movq 88(%rsp), %r11
+    movq 96(%rsp), %r12
+    movq 104(%rsp), %r13
+    movq 112(%rsp), %r14
+    movq 120(%rsp), %r15
+    movq 0(%rsp), %rax
+    leaq {A_GUEST_RIP}(%rsp), %rsp
+    iretq
+
+/*
+ * Exits. Every gate uses an IST stack whose top word holds the host's
+ * per-CPU pointer and the word above it the switch area. On entry to the
+ * common code: 0(%rsp) vector, 8 error code, 16 RIP, 24 CS, 32 RFLAGS,
+ * 40 RSP, 48 SS, 56 host per-CPU pointer, 64 area.
+ */
+kqemu_switch_exit_common:
+    testb $3, 24(%rsp)
+    jz 2f
+    /* From guest code (CPL 3). */
+    pushq %rax
+    movq 72(%rsp), %rax
+    movq %rcx, 8(%rax)
+    movq %rdx, 16(%rax)
+    movq %rbx, 24(%rax)
+    movq %rbp, 40(%rax)
+    movq %rsi, 48(%rax)
+    movq %rdi, 56(%rax)
+    movq %r8, 64(%rax)
+    movq %r9, 72(%rax)
+    movq %r10, 80(%rax)
+    movq %r11, 88(%rax)
+    movq %r12, 96(%rax)
+    movq %r13, 104(%rax)
+    movq %r14, 112(%rax)
+    movq %r15, 120(%rax)
+    popq %rcx
+    movq %rcx, 0(%rax)
+    movq %rax, %rbx
+    movq 0(%rsp), %rax
+    movq %rax, {A_EXIT_VECTOR}(%rbx)
+    movq 8(%rsp), %rax
+    movq %rax, {A_EXIT_ERROR}(%rbx)
+    movq 16(%rsp), %rax
+    movq %rax, {A_GUEST_RIP}(%rbx)
+    movq 24(%rsp), %rax
+    movq %rax, {A_GUEST_RIP}+8(%rbx)
+    movq 32(%rsp), %rax
+    movq %rax, {A_GUEST_RIP}+16(%rbx)
+    movq 40(%rsp), %rax
+    movq %rax, {A_GUEST_RIP}+24(%rbx)
+    movq 48(%rsp), %rax
+    movq %rax, {A_GUEST_RIP}+32(%rbx)
+    movq %cr2, %rax
+    movq %rax, {A_EXIT_CR2}(%rbx)
+    movq $0, {A_EXIT_KIND}(%rbx)
+    movw %ds, {A_GUEST_DS}(%rbx)
+    movw %es, {A_GUEST_ES}(%rbx)
+    movw %fs, {A_GUEST_FS}(%rbx)
+    movw %gs, {A_GUEST_GS}(%rbx)
+    movl ${MSR_FS_BASE}, %ecx
+    rdmsr
+    movl %eax, {A_GUEST_FS_BASE}(%rbx)
+    movl %edx, {A_GUEST_FS_BASE}+4(%rbx)
+    movl ${MSR_GS_BASE}, %ecx
+    rdmsr
+    movl %eax, {A_GUEST_GS_BASE}(%rbx)
+    movl %edx, {A_GUEST_GS_BASE}+4(%rbx)
+    jmp 5f
+
+2:  /* At CPL 0: inside the switch itself. */
+    cmpq $2, 0(%rsp)
+    je 3f
+    cmpq $18, 0(%rsp)
+    je 4f
+    /* A fault while loading the guest's state: the run fails. */
+    movq 64(%rsp), %rbx
+    movq 0(%rsp), %rax
+    movq %rax, {A_EXIT_VECTOR}(%rbx)
+    movq 8(%rsp), %rax
+    movq %rax, {A_EXIT_ERROR}(%rbx)
+    movq 16(%rsp), %rax
+    movq %rax, {A_EXIT_FAULT_RIP}(%rbx)
+    movq $1, {A_EXIT_KIND}(%rbx)
+    jmp 5f
+3:  /* NMI or machine check in the switch: noted, handed to the host
+     * after the switch back. */
+    pushq %rax
+    movq 72(%rsp), %rax
+    orq $1, {A_PENDING}(%rax)
+    popq %rax
+    addq $16, %rsp
+    iretq
+4:
+    pushq %rax
+    movq 72(%rsp), %rax
+    orq $2, {A_PENDING}(%rax)
+    popq %rax
+    addq $16, %rsp
+    iretq
+
+5:  /* Back to the host: %rbx = area, interrupts disabled. */
+    movq {A_HOST_CR3}(%rbx), %rax
+    movq %rax, %cr3
+    lgdt {A_HOST_GDTR}+6(%rbx)
+    movw {A_HOST_SS}(%rbx), %ss
+    movw {A_HOST_DS}(%rbx), %ds
+    movw {A_HOST_ES}(%rbx), %es
+    movw {A_HOST_FS}(%rbx), %fs
+    movw {A_HOST_GS}(%rbx), %gs
+    movl ${MSR_FS_BASE}, %ecx
+    movl {A_HOST_FS_BASE}(%rbx), %eax
+    movl {A_HOST_FS_BASE}+4(%rbx), %edx
+    wrmsr
+    movl ${MSR_GS_BASE}, %ecx
+    movl {A_HOST_GS_BASE}(%rbx), %eax
+    movl {A_HOST_GS_BASE}+4(%rbx), %edx
+    wrmsr
+    movl ${MSR_EFER}, %ecx
+    movl {A_HOST_EFER}(%rbx), %eax
+    movl {A_HOST_EFER}+4(%rbx), %edx
+    wrmsr
+    movl {A_HOST_SYSENTER_CS}(%rbx), %eax
+    testl %eax, %eax
+    jz 1f
+    movl ${MSR_SYSENTER_CS}, %ecx
+    xorl %edx, %edx
+    wrmsr
+1:
+    movq {A_HOST_CR4}(%rbx), %rax
+    cmpq {A_GUEST_CR4}(%rbx), %rax
+    je 1f
+    movq %rax, %cr4
+1:
+    movq {A_HOST_CR0}(%rbx), %rax
+    cmpq {A_GUEST_CR0}(%rbx), %rax
+    je 1f
+    movq %rax, %cr0
+1:
+    lidt {A_HOST_IDTR}+6(%rbx)
+    /* The host's TSS descriptor is busy since its own LTR: clear the busy
+     * bit of this CPU's descriptor, or LTR faults (SDM Vol. 3A 7.2.2). */
+    movq {A_HOST_GDTR}+8(%rbx), %rax
+    movzwl {A_HOST_TR}(%rbx), %ecx
+    andl $0xfff8, %ecx
+    andb $0xfd, 5(%rax,%rcx)
+    ltr {A_HOST_TR}(%rbx)
+    lldt {A_HOST_LDTR}(%rbx)
+    movq {A_HOST_RSP}(%rbx), %rsp
+    popfq
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+
+/* One stub per vector, VECTOR_STUB_SIZE bytes apart. The CPU pushes an
+ * error code for 8, 10-14, 17, 21, 29 and 30 (SDM Vol. 3A 6.15); the
+ * others push 0 in its place. */
+    .balign {VECTOR_STUB_SIZE}
+    .globl kqemu_switch_vectors
+kqemu_switch_vectors:
+    .set vector, 0
+    .rept 256
+    .balign {VECTOR_STUB_SIZE}
+    .if vector < 32
+    .if (({ERROR_CODE_VECTORS} >> vector) & 1) == 0
+    pushq $0
+    .endif
+    .else
+    pushq $0
+    .endif
+    pushq $vector
+    jmp kqemu_switch_exit_common
+    .set vector, vector + 1
+    .endr
+
+    .balign 4096
+    .globl kqemu_switch_text_end
+kqemu_switch_text_end:
+    .text

@@ -1,0 +1,910 @@
+//! The world switch: per-CPU switcher pages (GDT, IDT, TSS, stacks), the
+//! shadow mapping of those pages, and the entry/exit code (switch.S).
+//!
+//! ARCHITECTURE.md "Where the monitor lives" and "Rules the world switch
+//! must keep". The switcher's pages live in the module's own image: its
+//! text in a page-aligned section of its own, its per-CPU data in a static
+//! array. Both are therefore mapped by the host at the same virtual
+//! addresses in every host address space, and the shadow address spaces
+//! map exactly those pages at the same addresses (supervisor-only, through
+//! the shadow's reserved PML4 slot), so the code keeps running across each
+//! CR3 switch and an NMI at any instruction finds valid tables (the order
+//! is explained in switch.S). Nothing else of the host is mapped in the
+//! guest's space.
+
+use core::cell::UnsafeCell;
+use core::mem::{offset_of, size_of};
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use crate::monitor::segments::MONITOR_GDT_FIRST;
+
+/// MSR numbers (SDM Vol. 4 Table 2-2).
+const MSR_EFER: u32 = 0xc000_0080;
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
+const MSR_SYSENTER_CS: u32 = 0x174;
+
+/// Vectors for which the CPU pushes an error code (SDM Vol. 3A 6.15): 8,
+/// 10-14, 17, 21, 29, 30.
+const ERROR_CODE_VECTORS: u32 = (1 << 8)
+    | (1 << 10)
+    | (1 << 11)
+    | (1 << 12)
+    | (1 << 13)
+    | (1 << 14)
+    | (1 << 17)
+    | (1 << 21)
+    | (1 << 29)
+    | (1 << 30);
+/// Bytes between two vector stubs in switch.S.
+const VECTOR_STUB_SIZE: usize = 16;
+
+/// CPUs with switcher pages. A thread on a CPU with a higher index runs
+/// its guest through the client (`KQEMU_RET_SOFTMMU`).
+pub const MAX_CPUS: usize = 32;
+
+/// Vectors (SDM Vol. 3A Table 6-1).
+pub const VECTOR_NMI: u8 = 2;
+pub const VECTOR_DOUBLE_FAULT: u8 = 8;
+pub const VECTOR_MACHINE_CHECK: u8 = 18;
+/// First vector of external interrupts.
+pub const FIRST_EXTERNAL_VECTOR: u8 = 32;
+
+/// IST slots of the monitor TSS (1-based, SDM Vol. 3A 7.7): NMI, #DF and
+/// #MC have stacks of their own, every other vector uses the exit stack.
+const IST_NMI: u8 = 1;
+const IST_DOUBLE_FAULT: u8 = 2;
+const IST_MACHINE_CHECK: u8 = 3;
+const IST_EXIT: u8 = 4;
+/// Stacks in the block: NMI, #DF, #MC, exit (IST 1-4 in order).
+const STACKS: usize = 4;
+
+/// GDT index of the monitor TSS descriptor (16 bytes: two entries).
+const TSS_INDEX: u16 = MONITOR_GDT_FIRST;
+/// Bytes of a 64-bit TSS (SDM Vol. 3A Figure 7-11); an I/O map base at
+/// the limit means "no I/O permission bitmap": every IN/OUT at CPL 3 with
+/// IOPL < 3 faults.
+const TSS_SIZE: usize = 104;
+
+/// Table pages per CPU for the switcher's part of the shadow tree: one
+/// PDPT, and page directories and page tables for the text and the block,
+/// which may each straddle a 2 MiB or 1 GiB boundary.
+const TABLE_PAGES: usize = 8;
+
+const PAGE: usize = 4096;
+const ENTRIES: usize = 512;
+
+/// Page-table entry bits (SDM Vol. 3A Table 4-19/4-20).
+const PTE_PRESENT: u64 = 1 << 0;
+const PTE_WRITABLE: u64 = 1 << 1;
+const PTE_ACCESSED: u64 = 1 << 5;
+const PTE_DIRTY: u64 = 1 << 6;
+const PTE_NO_EXECUTE: u64 = 1 << 63;
+const PTE_FRAME: u64 = 0x000f_ffff_ffff_f000;
+
+/// A pseudo-descriptor for LGDT/LIDT/SGDT/SIDT, placed so that the limit
+/// starts at byte 6 and the base is 8-byte aligned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PseudoDescriptor {
+    pad: [u16; 3],
+    pub limit: u16,
+    pub base: u64,
+}
+
+/// What the assembly reads and writes: the guest's registers, the host's
+/// saved state and the description of the exit. Selectors are kept in
+/// 64-bit slots whose upper bytes stay zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SwitchArea {
+    /// RAX RCX RDX RBX RSP RBP RSI RDI R8..R15 (RSP unused: see `rsp`).
+    pub regs: [u64; 16],
+    /// The IRETQ frame: RIP, CS, RFLAGS, RSP, SS.
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    /// Bit 0: write `fs_base` to IA32_FS_BASE after loading FS; bit 1: the
+    /// same for GS (64-bit guests, SDM Vol. 3A 3.4.4).
+    pub load_bases: u64,
+    pub shadow_cr3: u64,
+    pub guest_cr0: u64,
+    pub guest_cr4: u64,
+    pub guest_efer: u64,
+    pub mon_gdtr: PseudoDescriptor,
+    pub mon_idtr: PseudoDescriptor,
+    pub mon_tr: u64,
+    pub host_rsp: u64,
+    pub host_cr3: u64,
+    pub host_cr0: u64,
+    pub host_cr4: u64,
+    pub host_efer: u64,
+    pub host_gdtr: PseudoDescriptor,
+    pub host_idtr: PseudoDescriptor,
+    pub host_ldtr: u64,
+    pub host_tr: u64,
+    pub host_fs_base: u64,
+    pub host_gs_base: u64,
+    pub host_ds: u64,
+    pub host_es: u64,
+    pub host_fs: u64,
+    pub host_gs: u64,
+    pub host_ss: u64,
+    pub host_sysenter_cs: u64,
+    pub exit_vector: u64,
+    pub exit_error: u64,
+    pub exit_cr2: u64,
+    /// 0: the guest exited from CPL 3; 1: a fault at CPL 0 while the
+    /// guest's state was being loaded.
+    pub exit_kind: u64,
+    pub exit_fault_rip: u64,
+    /// Bit 0: an NMI, bit 1: a machine check arrived inside the switch.
+    pub pending: u64,
+}
+
+/// The page that holds the switch area and the TSS.
+#[repr(C, align(4096))]
+struct AreaPage {
+    area: SwitchArea,
+    /// The 64-bit TSS, as 32-bit words (its 64-bit fields are not 8-byte
+    /// aligned).
+    tss: [u32; TSS_SIZE / 4],
+}
+
+/// Bookkeeping of one CPU that the assembly never touches.
+#[derive(Clone, Copy, Debug)]
+struct CpuState {
+    /// GDT indices of guest descriptors written for the last run.
+    written: [u16; 6],
+    written_len: usize,
+    /// Host CS index whose descriptor copy sits in the monitor GDT.
+    host_cs_index: u16,
+    /// The PML4 entry that maps this CPU's switcher pages.
+    pml4_entry: u64,
+}
+
+/// One CPU's switcher pages. The GDT, IDT, area page and stacks are
+/// mapped in the shadow address spaces; the table pages are the
+/// switcher's part of the shadow tree; the state is host-only.
+#[repr(C, align(4096))]
+struct CpuBlock {
+    gdt: [u64; 8192],
+    idt: [u64; 2 * 256],
+    area: AreaPage,
+    stacks: [[u64; ENTRIES]; STACKS],
+    tables: [[u64; ENTRIES]; TABLE_PAGES],
+    state: CpuState,
+}
+
+/// Pages of a block the guest's space maps: GDT (16), IDT, area, stacks.
+const MAPPED_BLOCK_PAGES: usize = 16 + 1 + 1 + STACKS;
+
+struct Blocks([UnsafeCell<CpuBlock>; MAX_CPUS]);
+
+// SAFETY: block `i` is used only by the thread that runs on CPU `i` inside
+// the host's no-preemption section (Host::cpu_enter), and set up once
+// under `READY[i]`.
+unsafe impl Sync for Blocks {}
+
+// SAFETY: all-zero bytes are a valid CpuBlock (integers and arrays of
+// them); a zeroed static goes to .bss.
+static BLOCKS: Blocks = unsafe { core::mem::zeroed() };
+
+/// Per-CPU setup state: 0 not set up, 1 ready, 2 failed.
+static READY: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
+const NOT_SET_UP: u8 = 0;
+const SET_UP: u8 = 1;
+const SETUP_FAILED: u8 = 2;
+
+extern "C" {
+    static kqemu_switch_text_start: u8;
+    static kqemu_switch_text_end: u8;
+    static kqemu_switch_vectors: u8;
+    fn kqemu_switch_run(area: *mut SwitchArea);
+}
+
+core::arch::global_asm!(
+    include_str!("switch.S"),
+    A_HOST_RSP = const offset_of!(SwitchArea, host_rsp),
+    A_HOST_CR3 = const offset_of!(SwitchArea, host_cr3),
+    A_HOST_CR0 = const offset_of!(SwitchArea, host_cr0),
+    A_HOST_CR4 = const offset_of!(SwitchArea, host_cr4),
+    A_HOST_EFER = const offset_of!(SwitchArea, host_efer),
+    A_HOST_GDTR = const offset_of!(SwitchArea, host_gdtr),
+    A_HOST_IDTR = const offset_of!(SwitchArea, host_idtr),
+    A_HOST_LDTR = const offset_of!(SwitchArea, host_ldtr),
+    A_HOST_TR = const offset_of!(SwitchArea, host_tr),
+    A_HOST_DS = const offset_of!(SwitchArea, host_ds),
+    A_HOST_ES = const offset_of!(SwitchArea, host_es),
+    A_HOST_FS = const offset_of!(SwitchArea, host_fs),
+    A_HOST_GS = const offset_of!(SwitchArea, host_gs),
+    A_HOST_SS = const offset_of!(SwitchArea, host_ss),
+    A_HOST_FS_BASE = const offset_of!(SwitchArea, host_fs_base),
+    A_HOST_GS_BASE = const offset_of!(SwitchArea, host_gs_base),
+    A_HOST_SYSENTER_CS = const offset_of!(SwitchArea, host_sysenter_cs),
+    A_GUEST_EFER = const offset_of!(SwitchArea, guest_efer),
+    A_GUEST_CR0 = const offset_of!(SwitchArea, guest_cr0),
+    A_GUEST_CR4 = const offset_of!(SwitchArea, guest_cr4),
+    A_MON_GDTR = const offset_of!(SwitchArea, mon_gdtr),
+    A_MON_IDTR = const offset_of!(SwitchArea, mon_idtr),
+    A_MON_TR = const offset_of!(SwitchArea, mon_tr),
+    A_SHADOW_CR3 = const offset_of!(SwitchArea, shadow_cr3),
+    A_GUEST_DS = const offset_of!(SwitchArea, ds),
+    A_GUEST_ES = const offset_of!(SwitchArea, es),
+    A_GUEST_FS = const offset_of!(SwitchArea, fs),
+    A_GUEST_GS = const offset_of!(SwitchArea, gs),
+    A_GUEST_FS_BASE = const offset_of!(SwitchArea, fs_base),
+    A_GUEST_GS_BASE = const offset_of!(SwitchArea, gs_base),
+    A_LOAD_BASES = const offset_of!(SwitchArea, load_bases),
+    A_GUEST_RIP = const offset_of!(SwitchArea, rip),
+    A_EXIT_VECTOR = const offset_of!(SwitchArea, exit_vector),
+    A_EXIT_ERROR = const offset_of!(SwitchArea, exit_error),
+    A_EXIT_CR2 = const offset_of!(SwitchArea, exit_cr2),
+    A_EXIT_KIND = const offset_of!(SwitchArea, exit_kind),
+    A_EXIT_FAULT_RIP = const offset_of!(SwitchArea, exit_fault_rip),
+    A_PENDING = const offset_of!(SwitchArea, pending),
+    MSR_EFER = const MSR_EFER,
+    MSR_FS_BASE = const MSR_FS_BASE,
+    MSR_GS_BASE = const MSR_GS_BASE,
+    MSR_SYSENTER_CS = const MSR_SYSENTER_CS,
+    VECTOR_STUB_SIZE = const VECTOR_STUB_SIZE,
+    ERROR_CODE_VECTORS = const ERROR_CODE_VECTORS,
+    options(att_syntax)
+);
+
+// `int $n` for every n, four bytes apart, to hand an interrupt or NMI that
+// arrived in guest mode to the host's own handler through the host's IDT.
+core::arch::global_asm!(
+    ".pushsection .text.kqemu_reraise, \"ax\", @progbits",
+    ".balign 4",
+    ".globl kqemu_reraise_table",
+    "kqemu_reraise_table:",
+    ".set vector, 0",
+    ".rept 256",
+    ".balign 4",
+    ".byte 0xcd, vector",
+    "ret",
+    ".set vector, vector + 1",
+    ".endr",
+    ".popsection",
+);
+
+extern "C" {
+    static kqemu_reraise_table: u8;
+}
+
+/// The layout the assembly relies on.
+const _: () = {
+    assert!(offset_of!(SwitchArea, regs) == 0);
+    assert!(offset_of!(SwitchArea, rip) == 0x80);
+    assert!(offset_of!(SwitchArea, ss) == offset_of!(SwitchArea, rip) + 32);
+    assert!(offset_of!(SwitchArea, mon_gdtr) % 8 == 0);
+    assert!(offset_of!(SwitchArea, host_gdtr) % 8 == 0);
+    assert!(size_of::<AreaPage>() == PAGE);
+    assert!(offset_of!(CpuBlock, idt) == 16 * PAGE);
+    assert!(offset_of!(CpuBlock, area) == 17 * PAGE);
+    assert!(offset_of!(CpuBlock, stacks) == 18 * PAGE);
+    assert!(offset_of!(CpuBlock, tables) == MAPPED_BLOCK_PAGES * PAGE);
+};
+
+/// A 16-byte IDT gate: 64-bit interrupt gate (type 14), DPL 0, present,
+/// with `ist` (SDM Vol. 3A Figure 6-8). Interrupt gates clear IF, so the
+/// exit path runs with interrupts off. DPL 0 on every gate: `int n`, `int3`
+/// and `into` at CPL 3 then raise #GP(n * 8 + 2), which the monitor
+/// decodes into `KQEMU_RET_INT` with `next_eip`.
+pub fn interrupt_gate(handler: u64, selector: u16, ist: u8) -> [u64; 2] {
+    const TYPE_INTERRUPT_GATE: u64 = 0xe;
+    const PRESENT: u64 = 1 << 15;
+    let low = (handler & 0xffff)
+        | (u64::from(selector) << 16)
+        | (u64::from(ist & 7) << 32)
+        | ((TYPE_INTERRUPT_GATE << 8 | PRESENT) << 32)
+        | ((handler >> 16) & 0xffff) << 48;
+    [low, handler >> 32]
+}
+
+/// A 16-byte available 64-bit TSS descriptor (type 9) for the TSS at
+/// `base` (SDM Vol. 3A Figure 7-4).
+pub fn tss_descriptor(base: u64) -> [u64; 2] {
+    const TYPE_AVAILABLE_TSS: u64 = 0x9;
+    const PRESENT: u64 = 1 << 47;
+    let limit = (TSS_SIZE - 1) as u64;
+    let low = (limit & 0xffff)
+        | (base & 0xff_ffff) << 16
+        | TYPE_AVAILABLE_TSS << 40
+        | PRESENT
+        | ((limit >> 16) & 0xf) << 48
+        | ((base >> 24) & 0xff) << 56;
+    [low, base >> 32]
+}
+
+/// Why the switcher pages of a CPU cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetupError {
+    /// The CPU index is beyond [`MAX_CPUS`].
+    CpuIndex,
+    /// The host gave no physical address for a switcher page.
+    NoPhysical,
+    /// The switcher's pages do not all lie in one PML4 slot, or need more
+    /// table pages than reserved.
+    Layout,
+    /// The host's CS selector is not usable in the monitor GDT.
+    HostSelector,
+}
+
+/// The switcher's part of the shadow tree for one CPU: maps 4 KiB pages
+/// at their host virtual addresses below one PML4 slot, supervisor-only.
+/// Table pages come from `tables` (index 0 is the PDPT), whose physical
+/// addresses `phys` gives.
+pub struct SwitcherMap<'a> {
+    tables: &'a mut [[u64; ENTRIES]],
+    phys: &'a [u64],
+    used: usize,
+    slot: usize,
+}
+
+impl<'a> SwitcherMap<'a> {
+    /// An empty map for PML4 slot `slot`; `tables` and `phys` have the
+    /// same length (at least one).
+    pub fn new(
+        tables: &'a mut [[u64; ENTRIES]],
+        phys: &'a [u64],
+        slot: usize,
+    ) -> Result<Self, SetupError> {
+        if tables.is_empty() || tables.len() != phys.len() {
+            return Err(SetupError::Layout);
+        }
+        for t in tables.iter_mut() {
+            t.fill(0);
+        }
+        Ok(Self {
+            tables,
+            phys,
+            used: 1,
+            slot,
+        })
+    }
+
+    /// The PML4 entry that points to the map: present, writable, not
+    /// user (so nothing below is reachable from CPL 3).
+    pub fn pml4_entry(&self) -> u64 {
+        (self.phys[0] & PTE_FRAME) | PTE_PRESENT | PTE_WRITABLE | PTE_ACCESSED
+    }
+
+    fn child(&mut self, table: usize, index: usize) -> Result<usize, SetupError> {
+        let entry = self.tables[table][index];
+        if entry & PTE_PRESENT != 0 {
+            return self
+                .phys
+                .iter()
+                .position(|&p| p == entry & PTE_FRAME)
+                .ok_or(SetupError::Layout);
+        }
+        let new = self.used;
+        if new >= self.tables.len() {
+            return Err(SetupError::Layout);
+        }
+        self.used += 1;
+        self.tables[table][index] =
+            (self.phys[new] & PTE_FRAME) | PTE_PRESENT | PTE_WRITABLE | PTE_ACCESSED;
+        Ok(new)
+    }
+
+    /// Maps the page at virtual `virt` to physical `phys`, writable or
+    /// executable as asked. Dirty and accessed are preset so the CPU never
+    /// writes the tables.
+    pub fn map(
+        &mut self,
+        virt: u64,
+        phys: u64,
+        writable: bool,
+        executable: bool,
+    ) -> Result<(), SetupError> {
+        let index = |shift: u32| ((virt >> shift) as usize) % ENTRIES;
+        if index(39) != self.slot || phys & !PTE_FRAME & !0xfff != 0 {
+            return Err(SetupError::Layout);
+        }
+        let pd = self.child(0, index(30))?;
+        let pt = self.child(pd, index(21))?;
+        let mut entry = (phys & PTE_FRAME) | PTE_PRESENT | PTE_ACCESSED;
+        if writable {
+            entry |= PTE_WRITABLE | PTE_DIRTY;
+        }
+        if !executable {
+            entry |= PTE_NO_EXECUTE;
+        }
+        self.tables[pt][index(12)] = entry;
+        Ok(())
+    }
+}
+
+/// The PML4 slot of a kernel virtual address.
+pub fn pml4_slot(virt: u64) -> usize {
+    ((virt >> 39) as usize) % ENTRIES
+}
+
+/// The PML4 slot the switcher occupies in every shadow address space (the
+/// slot of the module's image).
+pub fn switcher_slot() -> usize {
+    pml4_slot(core::ptr::addr_of!(kqemu_switch_text_start) as u64)
+}
+
+/// Virtual range of the switch text, whole pages.
+fn text_range() -> (u64, u64) {
+    (
+        core::ptr::addr_of!(kqemu_switch_text_start) as u64,
+        core::ptr::addr_of!(kqemu_switch_text_end) as u64,
+    )
+}
+
+/// The host's current CS selector.
+fn read_cs() -> u16 {
+    let cs: u16;
+    // SAFETY: reading CS has no side effect.
+    unsafe { core::arch::asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack)) };
+    cs
+}
+
+/// The host's current GDTR.
+fn read_gdtr() -> PseudoDescriptor {
+    let mut d = PseudoDescriptor::default();
+    // SAFETY: SGDT stores 10 bytes at the given address, inside `d`.
+    unsafe {
+        core::arch::asm!(
+            "sgdt [{0}]",
+            in(reg) core::ptr::addr_of_mut!(d.limit),
+            options(nostack)
+        )
+    };
+    d
+}
+
+/// One CPU's switcher, prepared for a run. Obtained from
+/// [`prepare_cpu`] inside the host's no-preemption section, used on that
+/// CPU only.
+pub struct CpuSwitcher {
+    block: *mut CpuBlock,
+}
+
+/// Sets up (once) and returns the switcher of CPU `cpu`.
+///
+/// # Safety
+///
+/// The caller runs on CPU `cpu` with preemption and migration disabled
+/// until it drops the result, and no other switcher of this CPU is alive.
+pub unsafe fn prepare_cpu(
+    cpu: usize,
+    virt_to_phys: impl Fn(u64) -> Option<u64>,
+) -> Result<CpuSwitcher, SetupError> {
+    let ready = READY.get(cpu).ok_or(SetupError::CpuIndex)?;
+    let block = BLOCKS.0[cpu].get();
+    match ready.load(Ordering::Acquire) {
+        SET_UP => return Ok(CpuSwitcher { block }),
+        SETUP_FAILED => return Err(SetupError::Layout),
+        NOT_SET_UP => {}
+        _ => return Err(SetupError::Layout),
+    }
+    // SAFETY: the caller owns this CPU's block (see above).
+    let result = unsafe { set_up(&mut *block, &virt_to_phys) };
+    ready.store(
+        if result.is_ok() { SET_UP } else { SETUP_FAILED },
+        Ordering::Release,
+    );
+    result.map(|()| CpuSwitcher { block })
+}
+
+fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Result<(), SetupError> {
+    let host_cs = read_cs();
+    let cs_index = host_cs >> 3;
+    if host_cs & 7 != 0 || cs_index == 0 || cs_index >= MONITOR_GDT_FIRST {
+        return Err(SetupError::HostSelector);
+    }
+    // The host's CS descriptor, copied at the same index (switch.S).
+    let host_gdt = read_gdtr();
+    if u64::from(host_gdt.limit) < u64::from(cs_index) * 8 + 7 {
+        return Err(SetupError::HostSelector);
+    }
+    // SAFETY: the host's GDT is mapped and holds the descriptor of the CS
+    // we run on (checked against its limit above).
+    let cs_desc = unsafe { ((host_gdt.base + u64::from(cs_index) * 8) as *const u64).read() };
+
+    // IDT: every vector to its stub.
+    let vectors = core::ptr::addr_of!(kqemu_switch_vectors) as u64;
+    for v in 0..256usize {
+        let ist = match v as u8 {
+            VECTOR_NMI => IST_NMI,
+            VECTOR_DOUBLE_FAULT => IST_DOUBLE_FAULT,
+            VECTOR_MACHINE_CHECK => IST_MACHINE_CHECK,
+            _ => IST_EXIT,
+        };
+        let gate = interrupt_gate(vectors + (v * VECTOR_STUB_SIZE) as u64, host_cs, ist);
+        b.idt[2 * v] = gate[0];
+        b.idt[2 * v + 1] = gate[1];
+    }
+
+    // Stacks: the top word the host's per-CPU pointer (filled per run),
+    // the word above it the area.
+    let area_addr = core::ptr::addr_of_mut!(b.area.area) as u64;
+    let mut tops = [0u64; STACKS];
+    for (i, stack) in b.stacks.iter_mut().enumerate() {
+        stack[ENTRIES - 1] = area_addr;
+        tops[i] = core::ptr::addr_of_mut!(stack[ENTRIES - 2]) as u64;
+    }
+    // TSS: RSP0 and IST1-7 (IST 5-7 on the #DF stack: the host's own
+    // gates may name them while the host IDT meets the monitor TSS).
+    let mut tss = [0u64; 8];
+    tss[0] = tops[usize::from(IST_EXIT) - 1];
+    for (ist, slot) in tss.iter_mut().enumerate().skip(1) {
+        *slot = tops.get(ist - 1).copied().unwrap_or(tops[1]);
+    }
+    // RSP0 at byte 4, RSP1/RSP2 unused, IST1 at byte 36 (SDM Figure 7-11).
+    let words = &mut b.area.tss;
+    words.fill(0);
+    let put = |words: &mut [u32; TSS_SIZE / 4], byte: usize, v: u64| {
+        words[byte / 4] = v as u32;
+        words[byte / 4 + 1] = (v >> 32) as u32;
+    };
+    put(words, 4, tss[0]);
+    for (ist, &top) in tss.iter().enumerate().skip(1) {
+        put(words, 36 + (ist - 1) * 8, top);
+    }
+    // I/O map base = size: no bitmap.
+    words[TSS_SIZE / 4 - 1] = (TSS_SIZE as u32) << 16;
+
+    b.gdt.fill(0);
+    b.gdt[usize::from(cs_index)] = cs_desc;
+    b.state = CpuState {
+        written: [0; 6],
+        written_len: 0,
+        host_cs_index: cs_index,
+        pml4_entry: 0,
+    };
+
+    // The shadow mapping: text, then the block's mapped pages.
+    let (text_start, text_end) = text_range();
+    let slot = pml4_slot(text_start);
+    let mut table_phys = [0u64; TABLE_PAGES];
+    for (i, t) in b.tables.iter().enumerate() {
+        table_phys[i] = virt_to_phys(t.as_ptr() as u64).ok_or(SetupError::NoPhysical)?;
+    }
+    let block_start = b as *mut CpuBlock as u64;
+    let mut map = SwitcherMap::new(&mut b.tables, &table_phys, slot)?;
+    let mut page = text_start & !0xfff;
+    for _ in 0..16 {
+        if page >= text_end {
+            break;
+        }
+        map.map(
+            page,
+            virt_to_phys(page).ok_or(SetupError::NoPhysical)?,
+            false,
+            true,
+        )?;
+        page += PAGE as u64;
+    }
+    if page < text_end {
+        return Err(SetupError::Layout);
+    }
+    for i in 0..MAPPED_BLOCK_PAGES {
+        let virt = block_start + (i * PAGE) as u64;
+        map.map(
+            virt,
+            virt_to_phys(virt).ok_or(SetupError::NoPhysical)?,
+            true,
+            false,
+        )?;
+    }
+    let entry = map.pml4_entry();
+    b.state.pml4_entry = entry;
+    Ok(())
+}
+
+/// What a run starts with, besides the guest registers.
+#[derive(Clone, Copy, Debug)]
+pub struct RunSetup {
+    /// Host-physical address of the shadow PML4.
+    pub shadow_cr3: u64,
+    /// CR0, CR4 and EFER while the guest runs (computed from the host's).
+    pub cr0: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    pub vector: u8,
+    pub error_code: u64,
+    pub cr2: u64,
+    /// The guest's state could not be loaded (a ring-0 fault in the
+    /// switch): nothing of the guest ran.
+    pub entry_failed: bool,
+    /// An NMI or machine check arrived inside the switch.
+    pub pending_nmi: bool,
+    pub pending_mc: bool,
+}
+
+impl CpuSwitcher {
+    fn block(&mut self) -> &mut CpuBlock {
+        // SAFETY: `prepare_cpu`'s caller keeps this CPU's block exclusive
+        // while the switcher lives.
+        unsafe { &mut *self.block }
+    }
+
+    /// The PML4 entry the shadow's reserved slot must hold on this CPU.
+    pub fn pml4_entry(&mut self) -> u64 {
+        self.block().state.pml4_entry
+    }
+
+    /// GDT index reserved for the host's CS on this CPU: a guest selector
+    /// with this index cannot be loaded natively.
+    pub fn host_cs_index(&mut self) -> u16 {
+        self.block().state.host_cs_index
+    }
+
+    /// The guest's registers, read and written by the run.
+    pub fn area(&mut self) -> &mut SwitchArea {
+        &mut self.block().area.area
+    }
+
+    /// Writes the guest descriptors for a run at their indices, after
+    /// clearing those of the previous run. `None` when an index is taken
+    /// by the monitor.
+    pub fn set_guest_descriptors(&mut self, descriptors: &[(u16, u64)]) -> Option<()> {
+        let b = self.block();
+        let cs_index = b.state.host_cs_index;
+        for i in 0..b.state.written_len.min(6) {
+            let index = usize::from(b.state.written[i]);
+            b.gdt[index] = 0;
+        }
+        b.state.written_len = 0;
+        for &(index, raw) in descriptors.iter().take(6) {
+            if index == 0 || index == cs_index || index >= MONITOR_GDT_FIRST {
+                return None;
+            }
+            b.gdt[usize::from(index)] = raw;
+            b.state.written[b.state.written_len] = index;
+            b.state.written_len += 1;
+        }
+        Some(())
+    }
+
+    /// Runs the guest once. Host interrupts must be disabled
+    /// ([`interrupts_disable`]); they are enabled only while guest code
+    /// runs.
+    ///
+    /// # Safety
+    ///
+    /// `setup.shadow_cr3` is a 4-level tree whose reserved slot holds
+    /// [`Self::pml4_entry`] and that maps nothing else of the host; the
+    /// area holds a validated guest state whose selectors have
+    /// descriptors ([`Self::set_guest_descriptors`]); CR0/CR4/EFER are the
+    /// host's with only the bits the guest may differ in changed.
+    pub unsafe fn run(&mut self, setup: &RunSetup) -> Exit {
+        let b = self.block();
+        let tss_base = core::ptr::addr_of!(b.area.tss) as u64;
+        let d = tss_descriptor(tss_base);
+        let t = usize::from(TSS_INDEX);
+        b.gdt[t] = d[0];
+        b.gdt[t + 1] = d[1];
+        let gdt_base = b.gdt.as_ptr() as u64;
+        let idt_base = b.idt.as_ptr() as u64;
+        // The host's per-CPU pointer at the top of every stack (switch.S).
+        let host_gs = read_gs_base();
+        for stack in b.stacks.iter_mut() {
+            stack[ENTRIES - 2] = host_gs;
+        }
+        let cr0 = read_cr0();
+        let cr4 = read_cr4();
+        let a = &mut b.area.area;
+        a.mon_gdtr = PseudoDescriptor {
+            pad: [0; 3],
+            limit: 0xffff,
+            base: gdt_base,
+        };
+        a.mon_idtr = PseudoDescriptor {
+            pad: [0; 3],
+            limit: (256 * 16 - 1) as u16,
+            base: idt_base,
+        };
+        a.mon_tr = u64::from(TSS_INDEX) << 3;
+        a.shadow_cr3 = setup.shadow_cr3;
+        a.guest_cr0 = setup.cr0;
+        a.guest_cr4 = setup.cr4;
+        a.guest_efer = setup.efer;
+        a.host_cr0 = cr0;
+        a.host_cr4 = cr4;
+        a.host_efer = read_efer();
+        for slot in [
+            &mut a.host_ldtr,
+            &mut a.host_tr,
+            &mut a.host_ds,
+            &mut a.host_es,
+            &mut a.host_fs,
+            &mut a.host_gs,
+            &mut a.host_ss,
+        ] {
+            *slot = 0;
+        }
+        a.exit_kind = 0;
+        a.pending = 0;
+        let area: *mut SwitchArea = a;
+        // SAFETY: the caller guarantees the state the assembly loads is
+        // valid; the area and tables live in this CPU's block.
+        unsafe { kqemu_switch_run(area) };
+        let a = &self.block().area.area;
+        Exit {
+            vector: a.exit_vector as u8,
+            error_code: a.exit_error,
+            cr2: a.exit_cr2,
+            entry_failed: a.exit_kind != 0,
+            pending_nmi: a.pending & 1 != 0,
+            pending_mc: a.pending & 2 != 0,
+        }
+    }
+}
+
+fn read_cr0() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR0 at CPL 0 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// The host's CR4.
+pub fn read_cr4() -> u64 {
+    let v: u64;
+    // SAFETY: reading CR4 at CPL 0 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr4", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the callers read architectural MSRs every x86-64 CPU has.
+    unsafe {
+        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack))
+    };
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+/// The host's EFER.
+pub fn read_efer() -> u64 {
+    rdmsr(MSR_EFER)
+}
+
+fn read_gs_base() -> u64 {
+    rdmsr(MSR_GS_BASE)
+}
+
+/// Disables interrupts and returns the previous RFLAGS.
+pub fn interrupts_disable() -> u64 {
+    let flags: u64;
+    // SAFETY: saving RFLAGS and clearing IF at CPL 0.
+    unsafe { core::arch::asm!("pushfq", "pop {}", "cli", out(reg) flags, options(nomem)) };
+    flags
+}
+
+/// Restores IF from `flags` (as returned by [`interrupts_disable`]).
+pub fn interrupts_restore(flags: u64) {
+    const IF: u64 = 1 << 9;
+    if flags & IF != 0 {
+        // SAFETY: re-enabling interrupts that were enabled before.
+        unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+    }
+}
+
+/// Hands interrupt or NMI `vector`, taken while the guest ran, to the
+/// host's own handler through the host's IDT (interrupts stay disabled
+/// around the call; the handler's IRETQ restores that).
+///
+/// # Safety
+///
+/// The host's IDT, GDT, TSS and GS base are loaded, and the host has a
+/// handler for `vector`.
+pub unsafe fn reraise(vector: u8) {
+    let table = core::ptr::addr_of!(kqemu_reraise_table) as u64;
+    let target = table + u64::from(vector) * 4;
+    // SAFETY: the entry is `int $vector; ret`; the caller guarantees the
+    // host handles the vector. Every register the handler may clobber is
+    // saved by it (interrupt handlers preserve all state).
+    unsafe {
+        core::arch::asm!("call {}", in(reg) target, clobber_abi("C"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec;
+
+    #[test]
+    fn gate_layout_follows_the_sdm() {
+        let g = interrupt_gate(0xffff_ffff_8123_4567, 0x20, 4);
+        // Offset 15:0, selector, IST, type 0xE with P, offset 31:16, 63:32.
+        assert_eq!(g[0] & 0xffff, 0x4567);
+        assert_eq!((g[0] >> 16) & 0xffff, 0x20);
+        assert_eq!((g[0] >> 32) & 7, 4);
+        assert_eq!((g[0] >> 40) & 0xff, 0x8e);
+        assert_eq!(g[0] >> 48, 0x8123);
+        assert_eq!(g[1], 0xffff_ffff);
+    }
+
+    #[test]
+    fn tss_descriptor_layout() {
+        let d = tss_descriptor(0xffff_ffff_8765_4321);
+        assert_eq!(d[0] & 0xffff, 103);
+        assert_eq!((d[0] >> 16) & 0xff_ffff, 0x65_4321);
+        assert_eq!((d[0] >> 40) & 0xff, 0x89, "present, type 9");
+        assert_eq!(d[0] >> 56, 0x87);
+        assert_eq!(d[1], 0xffff_ffff);
+    }
+
+    #[test]
+    fn error_code_vectors_match_the_sdm() {
+        let with: std::vec::Vec<u32> = (0..32)
+            .filter(|v| ERROR_CODE_VECTORS >> v & 1 == 1)
+            .collect();
+        assert_eq!(with, [8, 10, 11, 12, 13, 14, 17, 21, 29, 30]);
+    }
+
+    #[test]
+    fn switcher_map_builds_a_supervisor_tree() {
+        let mut tables = vec![[0u64; ENTRIES]; 4];
+        let phys = [0x10_000, 0x11_000, 0x12_000, 0x13_000];
+        let base = 0xffff_ffff_8020_0000u64;
+        let mut map = SwitcherMap::new(&mut tables, &phys, 511).expect("valid");
+        map.map(base, 0x5000, false, true).expect("text");
+        map.map(base + 0x1000, 0x6000, true, false).expect("data");
+        let entry = map.pml4_entry();
+        assert_eq!(entry & PTE_FRAME, 0x10_000);
+        assert_eq!(entry & 4, 0, "never user");
+        // PDPT[510] -> PD (page 1), PD[1] -> PT (page 2).
+        assert_eq!(tables[0][510] & PTE_FRAME, 0x11_000);
+        assert_eq!(tables[1][1] & PTE_FRAME, 0x12_000);
+        let text = tables[2][0];
+        let data = tables[2][1];
+        assert_eq!(text & PTE_FRAME, 0x5000);
+        assert_eq!(text & (PTE_WRITABLE | PTE_NO_EXECUTE | 4), 0);
+        assert_eq!(data & PTE_FRAME, 0x6000);
+        assert_eq!(
+            data & (PTE_WRITABLE | PTE_NO_EXECUTE),
+            PTE_WRITABLE | PTE_NO_EXECUTE
+        );
+        assert_eq!(data & 4, 0);
+    }
+
+    #[test]
+    fn switcher_map_refuses_other_slots_and_overflow() {
+        let mut tables = vec![[0u64; ENTRIES]; 3];
+        let phys = [0x10_000, 0x11_000, 0x12_000];
+        let mut map = SwitcherMap::new(&mut tables, &phys, 511).expect("valid");
+        assert_eq!(
+            map.map(0xffff_f800_0000_0000, 0x1000, true, false),
+            Err(SetupError::Layout)
+        );
+        map.map(0xffff_ffff_8000_0000, 0x1000, true, false)
+            .expect("first region");
+        // Another 2 MiB region needs a third page table: none left.
+        assert_eq!(
+            map.map(0xffff_ffff_8040_0000, 0x2000, true, false),
+            Err(SetupError::Layout)
+        );
+    }
+
+    #[test]
+    fn the_switch_text_is_whole_pages_in_one_slot() {
+        let (start, end) = text_range();
+        assert_eq!(start % PAGE as u64, 0);
+        assert_eq!(end % PAGE as u64, 0);
+        assert!(end > start && end - start <= 4 * PAGE as u64);
+    }
+}

@@ -1,0 +1,713 @@
+//! The FreeBSD kernel the module links against: the state behind the KPI
+//! functions, their bookkeeping, and the symbol table the kld loader
+//! resolves imports from (tests/kld/kpi-14.txt, kpi-15.txt).
+//!
+//! Everything runs on one CPU with interrupts off, as a thread of the
+//! process that made the system call (or of kldload). The state sits
+//! behind one lock that is never held while module code runs, so a KPI
+//! call the module makes from inside a module function (a cdevpriv
+//! destructor calling free(9) during destroy_dev(9)) finds it free; a
+//! real re-entrant call would be a personality bug and fails the run.
+
+use super::layout::Layout;
+use super::printf::{self, c_string};
+use crate::{fail, log};
+use alloc::alloc::{alloc, alloc_zeroed, dealloc};
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::alloc::Layout as AllocLayout;
+use core::ffi::{c_char, c_int, c_void};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// amd64 PAGE_SIZE.
+pub const PAGE_SIZE: u64 = 4096;
+/// Page-table entry bits (SDM vol. 3, 4.5): present, writable, user, large.
+const PTE_P: u64 = 1 << 0;
+const PTE_RW: u64 = 1 << 1;
+const PTE_US: u64 = 1 << 2;
+const PTE_PS: u64 = 1 << 7;
+const PTE_FRAME: u64 = 0x000f_ffff_ffff_f000;
+/// What malloc(9) without M_ZERO leaves in a block under INVARIANTS
+/// (`WEIRD_ADDR`, sys/vm/uma_dbg.c): a module relying on zeroed memory
+/// without asking for it reads garbage here too.
+const JUNK: u32 = 0xdead_c0de;
+
+/// A block the personality allocated for a kernel object it owns.
+#[derive(Clone, Copy, Debug)]
+pub struct Block {
+    pub addr: u64,
+    size: usize,
+    align: usize,
+}
+
+impl Block {
+    pub fn new(size: u64, align: usize) -> Block {
+        let size = (size as usize).max(1);
+        let layout = AllocLayout::from_size_align(size, align)
+            .unwrap_or_else(|_| fail(format_args!("bad block layout {size}/{align}")));
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { alloc_zeroed(layout) };
+        if p.is_null() {
+            fail(format_args!(
+                "FreeBSD personality: out of heap for a {size}-byte object"
+            ));
+        }
+        Block {
+            addr: p as u64,
+            size,
+            align,
+        }
+    }
+
+    pub fn free(self) {
+        // SAFETY: allocated by Block::new with this layout, freed once
+        // (Block is consumed).
+        unsafe {
+            dealloc(
+                self.addr as *mut u8,
+                AllocLayout::from_size_align_unchecked(self.size, self.align),
+            )
+        }
+    }
+}
+
+/// Reads kernel memory of the module or of the personality's objects.
+///
+/// # Safety
+///
+/// `addr` is a valid, aligned kernel address of a `T`.
+pub unsafe fn peek<T: Copy>(addr: u64) -> T {
+    // SAFETY: the caller's contract.
+    unsafe { (addr as *const T).read() }
+}
+
+/// # Safety
+///
+/// `addr` is a valid, aligned, writable kernel address of a `T`.
+pub unsafe fn poke<T>(addr: u64, value: T) {
+    // SAFETY: the caller's contract.
+    unsafe { (addr as *mut T).write(value) }
+}
+
+/// A registered malloc(9) type (`vmstat -m` line).
+#[derive(Clone, Debug)]
+pub struct MallocType {
+    pub name: String,
+    pub in_use: u64,
+    pub bytes: u64,
+    pub requests: u64,
+}
+
+/// The personality's books: what the module holds right now, and totals.
+#[derive(Default, Debug)]
+pub struct Books {
+    /// Live malloc(9) blocks: address → (size, align, type).
+    pub mallocs: BTreeMap<u64, (usize, usize, u64)>,
+    pub malloc_types: BTreeMap<u64, MallocType>,
+    /// Held pages: `vm_page_t` → (physical address, hold count, its block).
+    pub held: BTreeMap<u64, (u64, u32, Block)>,
+    pub holds: u64,
+    pub unholds: u64,
+    pub map_read_locks: i64,
+    pub cdevs_made: u32,
+    pub cdevs_destroyed: u32,
+    pub sysctls: u32,
+}
+
+/// A module registered by module_register_init (DECLARE_MODULE).
+#[derive(Clone, Debug)]
+pub struct Module {
+    pub name: String,
+    pub evhand: u64,
+    pub private: u64,
+    /// The `module_t` handed to the event handler.
+    pub handle: Block,
+    pub load_error: c_int,
+}
+
+/// A devfs node made by make_dev_s(9).
+#[derive(Clone, Debug)]
+pub struct Device {
+    pub cdev: Block,
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub devsw: u64,
+}
+
+/// An open file of a device (`struct file` with its cdevpriv).
+#[derive(Clone, Debug)]
+pub struct DevFile {
+    pub cdev: u64,
+    pub fflags: c_int,
+    /// devfs_set_cdevpriv(9): (data, destructor).
+    pub cdevpriv: Option<(u64, u64)>,
+    /// destroy_dev(9) ran: every later operation answers ENXIO.
+    pub dead: bool,
+}
+
+/// A sysctl the module registered.
+#[derive(Clone, Debug)]
+pub struct Oid {
+    pub addr: u64,
+    pub path: String,
+    pub kind: u32,
+    pub arg1: u64,
+    pub arg2: i64,
+    pub handler: u64,
+}
+
+pub struct Kernel {
+    pub layout: &'static Layout,
+    pub release: u32,
+    pub pcpu: Block,
+    pub thread: Block,
+    /// `struct vmspace` of the one process (thread → td_proc → p_vmspace;
+    /// the `struct proc` between them lives as long as the boot).
+    pub vmspace: Block,
+    pub sysctl_hw: u64,
+    pub kva_layout: u64,
+    /// The (empty) DPCPU set `__start_set_pcpu` / `__stop_set_pcpu` bound.
+    pub pcpu_set: u64,
+    /// Page-table root of the process whose map the vm_map functions see.
+    pub cr3: u64,
+    pub books: Books,
+    pub modules: Vec<Module>,
+    pub devices: Vec<Device>,
+    pub files: BTreeMap<u32, DevFile>,
+    pub next_file: u32,
+    /// `curthread->td_fpop`: the file whose d_open / d_ioctl is running.
+    pub current_file: Option<u32>,
+    /// The loader's kernel environment (/boot/loader.conf).
+    pub kenv: Vec<(String, String)>,
+    pub oids: Vec<Oid>,
+    /// Console output not yet ended by a newline, and the lines so far.
+    pub console_line: Vec<u8>,
+    pub dmesg: Vec<String>,
+}
+
+struct Global(spin::Mutex<Option<Kernel>>);
+
+static KERNEL: Global = Global(spin::Mutex::new(None));
+
+/// `__stack_chk_guard` (sys/kern/stack_protector.c): set at boot.
+static STACK_CHK_GUARD: AtomicU64 = AtomicU64::new(0);
+
+/// The kernel's data objects the module imports (`kva_layout`,
+/// `sysctl___hw`, the DPCPU set bounds) live in the kernel image, as in
+/// FreeBSD: the module reaches them with PC32 relocations, which need
+/// them within 2 GiB of its own image. Offsets of each in the area:
+const KVA_LAYOUT_AT: usize = 0;
+const SYSCTL_HW_AT: usize = 256;
+const PCPU_SET_AT: usize = 1024;
+const KERNEL_DATA_SIZE: usize = 1032;
+static KERNEL_DATA: [AtomicU64; KERNEL_DATA_SIZE / 8] =
+    [const { AtomicU64::new(0) }; KERNEL_DATA_SIZE / 8];
+
+fn kernel_data(offset: usize) -> u64 {
+    KERNEL_DATA.as_ptr() as u64 + offset as u64
+}
+
+/// Runs `f` on the kernel state. Never call module code inside `f`.
+pub fn with<R>(f: impl FnOnce(&mut Kernel) -> R) -> R {
+    let Some(mut guard) = KERNEL.0.try_lock() else {
+        fail(format_args!("FreeBSD personality: re-entrant KPI call"))
+    };
+    let Some(kernel) = guard.as_mut() else {
+        fail(format_args!("FreeBSD personality: KPI call before boot"))
+    };
+    f(kernel)
+}
+
+/// Boots the personality for FreeBSD `release`: per-CPU data, the
+/// thread and process the module runs in, the kernel's objects the module
+/// imports.
+pub fn boot(release: u32, kenv: Vec<(String, String)>) -> Option<()> {
+    let layout = Layout::of(release)?;
+    let pcpu = Block::new(layout.sizeof_pcpu, PAGE_SIZE as usize);
+    let thread = Block::new(layout.sizeof_thread, 64);
+    let proc = Block::new(layout.sizeof_proc, 64);
+    let vmspace = Block::new(layout.sizeof_vmspace, 64);
+    // SAFETY: fresh zeroed blocks of the header sizes; the offsets come
+    // from the same headers.
+    unsafe {
+        poke(pcpu.addr + layout.pcpu_pc_curthread, thread.addr);
+        poke(thread.addr + layout.thread_td_proc, proc.addr);
+        poke(proc.addr + layout.proc_p_vmspace, vmspace.addr);
+        poke::<i32>(proc.addr + layout.proc_p_pid, 1);
+    }
+    if layout.sizeof_kva_layout > (SYSCTL_HW_AT - KVA_LAYOUT_AT) as u64
+        || layout.sizeof_sysctl_oid > (PCPU_SET_AT - SYSCTL_HW_AT) as u64
+    {
+        fail(format_args!(
+            "FreeBSD personality: kernel data area too small"
+        ));
+    }
+    let kva_layout = kernel_data(KVA_LAYOUT_AT);
+    if release >= 15 {
+        // SAFETY: the area's struct kva_layout_s (size checked above).
+        unsafe {
+            poke(
+                kva_layout + layout.kva_layout_dmap_low,
+                crate::mem::DMAP_BASE,
+            );
+            poke(
+                kva_layout + layout.kva_layout_dmap_high,
+                crate::mem::DMAP_BASE + (512u64 << 30),
+            );
+        }
+    }
+    STACK_CHK_GUARD.store(crate::x86::rdtsc().rotate_left(29) | 1, Ordering::Relaxed);
+    *KERNEL.0.lock() = Some(Kernel {
+        layout,
+        release,
+        pcpu,
+        thread,
+        vmspace,
+        sysctl_hw: kernel_data(SYSCTL_HW_AT),
+        kva_layout,
+        pcpu_set: kernel_data(PCPU_SET_AT),
+        cr3: 0,
+        books: Books::default(),
+        modules: Vec::new(),
+        devices: Vec::new(),
+        files: BTreeMap::new(),
+        next_file: 1,
+        current_file: None,
+        kenv,
+        oids: Vec::new(),
+        console_line: Vec::new(),
+        dmesg: Vec::new(),
+    });
+    Some(())
+}
+
+/// Points GS at this CPU's `struct pcpu`, as the kernel's GS base always
+/// does (`curthread` is `%gs:0`). The testbed loads the user's GS base on
+/// every entry to ring 3, so every way into the module comes through here.
+pub fn enter_kernel() {
+    let pcpu = with(|k| k.pcpu.addr);
+    // SAFETY: the testbed's kernel does not use GS itself; the value is a
+    // canonical kernel address.
+    unsafe { crate::x86::wrmsr(crate::x86::MSR_GS_BASE, pcpu) };
+}
+
+/// Console output (printf(9)): whole lines go to the testbed log.
+pub fn console(text: &[u8]) {
+    with(|k| {
+        for &b in text {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&k.console_line).into_owned();
+                log!("kernel: {line}");
+                k.dmesg.push(line);
+                k.console_line.clear();
+            } else {
+                k.console_line.push(b);
+            }
+        }
+    })
+}
+
+/// The address of each symbol the kernel exports to the module.
+pub fn resolve(name: &str) -> Option<u64> {
+    let (release, hw, kva, pcpu_set) = with(|k| (k.release, k.sysctl_hw, k.kva_layout, k.pcpu_set));
+    let f = match name {
+        "__stack_chk_guard" => return Some(STACK_CHK_GUARD.as_ptr() as u64),
+        "sysctl___hw" => return Some(hw),
+        "kva_layout" if release >= 15 => return Some(kva),
+        "__start_set_pcpu" | "__stop_set_pcpu" => return Some(pcpu_set),
+        "__stack_chk_fail" => __stack_chk_fail as *const () as usize,
+        "_vm_map_lock_read" => _vm_map_lock_read as *const () as usize,
+        "_vm_map_unlock_read" => _vm_map_unlock_read as *const () as usize,
+        "vm_map_check_protection" => vm_map_check_protection as *const () as usize,
+        "vm_fault_quick_hold_pages" => vm_fault_quick_hold_pages as *const () as usize,
+        "vm_page_unhold_pages" => vm_page_unhold_pages as *const () as usize,
+        "malloc_aligned" => malloc_aligned as *const () as usize,
+        "free" => free as *const () as usize,
+        "malloc_init" => malloc_init as *const () as usize,
+        "malloc_uninit" => malloc_uninit as *const () as usize,
+        "module_register_init" => module_register_init as *const () as usize,
+        "sysctl_handle_int" => super::sysctl::sysctl_handle_int as *const () as usize,
+        "make_dev_args_init_impl" => super::devfs::make_dev_args_init_impl as *const () as usize,
+        "destroy_dev" => super::devfs::destroy_dev as *const () as usize,
+        "devfs_set_cdevpriv" => super::devfs::devfs_set_cdevpriv as *const () as usize,
+        "devfs_get_cdevpriv" => super::devfs::devfs_get_cdevpriv as *const () as usize,
+        "printf" => printf::fbsd_printf as *const () as usize,
+        "panic" => printf::fbsd_panic as *const () as usize,
+        "make_dev_s" => printf::fbsd_make_dev_s as *const () as usize,
+        _ => return None,
+    };
+    Some(f as u64)
+}
+
+/// __stack_chk_fail(9): the stack protector saw a smashed canary.
+extern "C" fn __stack_chk_fail() -> ! {
+    fail(format_args!(
+        "panic: stack overflow detected; backtrace may be corrupted"
+    ))
+}
+
+impl Kernel {
+    /// The calling process's `vm_map_t` (`&p->p_vmspace->vm_map`).
+    pub fn vm_map(&self) -> u64 {
+        self.vmspace.addr + self.layout.vmspace_vm_map
+    }
+
+    fn check_map(&self, map: u64, who: &str) {
+        if map != self.vm_map() {
+            fail(format_args!(
+                "{who}: map {map:#x} is not the calling process's map"
+            ));
+        }
+    }
+
+    /// The physical page behind user address `va`, if the process's page
+    /// tables map it for a user access with `write`.
+    pub fn user_page(&self, va: u64, write: bool) -> Option<u64> {
+        if va >= kqemu::abi::USER_ADDRESS_LIMIT || self.cr3 == 0 {
+            return None;
+        }
+        let mut table = self.cr3 & PTE_FRAME;
+        for level in (0..4).rev() {
+            let index = (va >> (12 + 9 * level)) & 0x1ff;
+            // SAFETY: page tables live in RAM, which the DMAP maps.
+            let entry: u64 = unsafe { peek(crate::mem::phys_to_virt(table) + index * 8) };
+            let needed = PTE_P | PTE_US | if write { PTE_RW } else { 0 };
+            if entry & needed != needed {
+                return None;
+            }
+            if level == 0 || (level < 3 && entry & PTE_PS != 0) {
+                let size = 1u64 << (12 + 9 * level);
+                let base = entry & PTE_FRAME & !(size - 1);
+                return Some(base + (va & (size - 1) & !(PAGE_SIZE - 1)));
+            }
+            table = entry & PTE_FRAME;
+        }
+        None
+    }
+}
+
+/// `_vm_map_lock_read(map, file, line)`: the vm_map_lock_read() macro.
+extern "C" fn _vm_map_lock_read(map: u64, _file: *const c_char, _line: c_int) {
+    with(|k| {
+        k.check_map(map, "vm_map_lock_read");
+        k.books.map_read_locks += 1;
+    })
+}
+
+extern "C" fn _vm_map_unlock_read(map: u64, _file: *const c_char, _line: c_int) {
+    with(|k| {
+        k.check_map(map, "vm_map_unlock_read");
+        if k.books.map_read_locks <= 0 {
+            fail(format_args!("vm_map_unlock_read: map is not read-locked"));
+        }
+        k.books.map_read_locks -= 1;
+    })
+}
+
+/// vm_map_check_protection(9): TRUE when every page of `start..end` is
+/// mapped with at least `protection`. The map must be locked
+/// (vm_map_assert_locked in FreeBSD).
+extern "C" fn vm_map_check_protection(map: u64, start: u64, end: u64, protection: u8) -> c_int {
+    with(|k| {
+        k.check_map(map, "vm_map_check_protection");
+        if k.books.map_read_locks <= 0 {
+            fail(format_args!("vm_map_check_protection: map not locked"));
+        }
+        if start > end {
+            return 0;
+        }
+        let write = u64::from(protection) & k.layout.VM_PROT_WRITE != 0;
+        let mut page = start & !(PAGE_SIZE - 1);
+        while page < end {
+            if k.user_page(page, write).is_none() {
+                return 0;
+            }
+            page += PAGE_SIZE;
+        }
+        1
+    })
+}
+
+/// vm_fault_quick_hold_pages(9): holds (wires) the pages of
+/// `addr..addr+len`, faulting them in as the calling thread; -1 if any is
+/// not mapped with `prot`. More pages than `max` is a kernel panic.
+extern "C" fn vm_fault_quick_hold_pages(
+    map: u64,
+    addr: u64,
+    len: u64,
+    prot: u8,
+    ma: *mut u64,
+    max: c_int,
+) -> c_int {
+    with(|k| {
+        k.check_map(map, "vm_fault_quick_hold_pages");
+        if len == 0 {
+            return 0;
+        }
+        let Some(end) = addr.checked_add(len) else {
+            return -1;
+        };
+        let first = addr & !(PAGE_SIZE - 1);
+        let end = end.next_multiple_of(PAGE_SIZE);
+        let count = (end - first) / PAGE_SIZE;
+        if count > u64::try_from(max).unwrap_or(0) {
+            fail(format_args!(
+                "panic: vm_fault_quick_hold_pages: count > max."
+            ));
+        }
+        let write = u64::from(prot) & k.layout.VM_PROT_WRITE != 0;
+        let mut pages = Vec::new();
+        for i in 0..count {
+            match k.user_page(first + i * PAGE_SIZE, write) {
+                Some(phys) => pages.push(phys),
+                None => return -1,
+            }
+        }
+        for (i, phys) in pages.into_iter().enumerate() {
+            let m = hold(k, phys);
+            // SAFETY: the caller passes an array of at least `max` entries.
+            unsafe { ma.add(i).write(m) };
+        }
+        count as c_int
+    })
+}
+
+/// One more hold on the page at `phys`; its `vm_page_t` (one per physical
+/// page, as FreeBSD's vm_page_array has).
+fn hold(k: &mut Kernel, phys: u64) -> u64 {
+    k.books.holds += 1;
+    if let Some((m, entry)) = k.books.held.iter_mut().find(|(_, e)| e.0 == phys) {
+        entry.1 += 1;
+        return *m;
+    }
+    let block = Block::new(k.layout.sizeof_vm_page, 8);
+    // SAFETY: a zeroed struct vm_page of the header size.
+    unsafe { poke(block.addr + k.layout.vm_page_phys_addr, phys) };
+    k.books.held.insert(block.addr, (phys, 1, block));
+    block.addr
+}
+
+/// vm_page_unhold_pages(9): drops one hold on each page.
+extern "C" fn vm_page_unhold_pages(ma: *const u64, count: c_int) {
+    with(|k| {
+        for i in 0..usize::try_from(count).unwrap_or(0) {
+            // SAFETY: the caller passes `count` vm_page_t's.
+            let m = unsafe { ma.add(i).read() };
+            let Some(entry) = k.books.held.get_mut(&m) else {
+                fail(format_args!(
+                    "vm_page_unhold_pages: {m:#x} is not a held page"
+                ));
+            };
+            k.books.unholds += 1;
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                if let Some((_, _, block)) = k.books.held.remove(&m) {
+                    block.free();
+                }
+            }
+        }
+    })
+}
+
+/// malloc_aligned(9) (sys/kern/kern_malloc.c): `size` bytes aligned to
+/// `align` (a power of two up to a page) of malloc type `mtype`.
+/// Exactly one of M_WAITOK / M_NOWAIT (a KASSERT in FreeBSD); M_ZERO
+/// zeroes; M_NOWAIT may fail with NULL; M_WAITOK never fails (FreeBSD
+/// would sleep, the testbed cannot: it fails the run).
+extern "C" fn malloc_aligned(size: usize, align: usize, mtype: u64, flags: c_int) -> *mut c_void {
+    let (nowait, zero) = with(|k| {
+        let l = k.layout;
+        let flags = flags as u64;
+        if (flags & l.M_WAITOK != 0) == (flags & l.M_NOWAIT != 0) {
+            fail(format_args!("panic: malloc: bad malloc flags: {flags:#x}"));
+        }
+        if !align.is_power_of_two() || align as u64 > PAGE_SIZE {
+            fail(format_args!(
+                "panic: malloc_domainset_aligned: align {align} (size {size}) too large"
+            ));
+        }
+        if !k.books.malloc_types.contains_key(&mtype) {
+            fail(format_args!(
+                "malloc: type {mtype:#x} is not registered (no malloc_init)"
+            ));
+        }
+        (flags & l.M_NOWAIT != 0, flags & l.M_ZERO != 0)
+    });
+    let layout = AllocLayout::from_size_align(size.max(1), align)
+        .unwrap_or_else(|_| fail(format_args!("malloc: size {size} too large")));
+    // SAFETY: non-zero size.
+    let p = unsafe {
+        if zero {
+            alloc_zeroed(layout)
+        } else {
+            alloc(layout)
+        }
+    };
+    if p.is_null() {
+        if nowait {
+            return core::ptr::null_mut();
+        }
+        fail(format_args!(
+            "malloc(M_WAITOK) of {size} bytes: out of memory"
+        ));
+    }
+    if !zero {
+        for i in 0..layout.size() / 4 {
+            // SAFETY: inside the new block.
+            unsafe { p.cast::<u32>().add(i).write_unaligned(JUNK) };
+        }
+    }
+    with(|k| {
+        k.books
+            .mallocs
+            .insert(p as u64, (layout.size(), align, mtype));
+        if let Some(t) = k.books.malloc_types.get_mut(&mtype) {
+            t.in_use += 1;
+            t.bytes += layout.size() as u64;
+            t.requests += 1;
+        }
+    });
+    p.cast()
+}
+
+/// free(9): NULL is allowed; anything else must be a live block of the
+/// same type.
+extern "C" fn free(addr: *mut c_void, mtype: u64) {
+    if addr.is_null() {
+        return;
+    }
+    let (size, align) = with(|k| {
+        let Some((size, align, t)) = k.books.mallocs.remove(&(addr as u64)) else {
+            fail(format_args!(
+                "panic: free: address {addr:p} was not allocated"
+            ));
+        };
+        if t != mtype {
+            fail(format_args!(
+                "panic: free: {addr:p} of type {t:#x} freed as {mtype:#x}"
+            ));
+        }
+        if let Some(t) = k.books.malloc_types.get_mut(&mtype) {
+            t.in_use -= 1;
+            t.bytes -= size as u64;
+        }
+        (size, align)
+    });
+    // SAFETY: the block came from malloc_aligned with this layout.
+    unsafe {
+        dealloc(
+            addr.cast(),
+            AllocLayout::from_size_align_unchecked(size, align),
+        )
+    };
+}
+
+/// malloc_init(9) (the MALLOC_DEFINE sysinit): registers the type.
+extern "C" fn malloc_init(data: u64) {
+    with(|k| {
+        // SAFETY: `data` is the module's struct malloc_type.
+        let (version, desc): (u64, u64) = unsafe {
+            (
+                peek(data + k.layout.malloc_type_ks_version),
+                peek(data + k.layout.malloc_type_ks_shortdesc),
+            )
+        };
+        if version != k.layout.M_VERSION {
+            fail(format_args!(
+                "panic: malloc_init: type {data:#x} with bad version {version}"
+            ));
+        }
+        if k.books.malloc_types.contains_key(&data) {
+            fail(format_args!("malloc_init: type {data:#x} registered twice"));
+        }
+        // SAFETY: ks_shortdesc is a string of the module.
+        let name = String::from_utf8_lossy(&unsafe { c_string(desc, 64) }).into_owned();
+        k.books.malloc_types.insert(
+            data,
+            MallocType {
+                name,
+                in_use: 0,
+                bytes: 0,
+                requests: 0,
+            },
+        );
+    })
+}
+
+/// malloc_uninit(9): unregisters the type, with FreeBSD's warning when
+/// blocks of it are still allocated.
+extern "C" fn malloc_uninit(data: u64) {
+    let leaked = with(|k| {
+        let Some(t) = k.books.malloc_types.remove(&data) else {
+            fail(format_args!(
+                "malloc_uninit: type {data:#x} is not registered"
+            ));
+        };
+        (t.in_use != 0).then(|| {
+            alloc::format!(
+                "Warning: memory type {} leaked memory on destroy ({} allocations, {} bytes leaked).\n",
+                t.name, t.in_use, t.bytes
+            )
+        })
+    });
+    if let Some(text) = leaked {
+        console(text.as_bytes());
+    }
+}
+
+/// Calls a module event handler, `int (*)(module_t, int, void *)`.
+pub fn module_event(m: &Module, event: u64) -> c_int {
+    enter_kernel();
+    // SAFETY: evhand is the module's modeventhand_t from its moduledata;
+    // the personality's lock is not held.
+    unsafe {
+        let f: extern "C" fn(u64, c_int, u64) -> c_int = core::mem::transmute(m.evhand as usize);
+        f(m.handle.addr, event as c_int, m.private)
+    }
+}
+
+/// module_register_init(9) (the DECLARE_MODULE sysinit): registers the
+/// module and sends it MOD_LOAD; on failure FreeBSD logs, sends
+/// MOD_UNLOAD and drops it.
+extern "C" fn module_register_init(data: u64) {
+    // struct moduledata { const char *name; modeventhand_t evhand; void *priv; }
+    // SAFETY: `data` is the module's moduledata_t.
+    let (name, evhand, private): (u64, u64, u64) =
+        unsafe { (peek(data), peek(data + 8), peek(data + 16)) };
+    // SAFETY: the module's name string.
+    let name = String::from_utf8_lossy(&unsafe { c_string(name, 64) }).into_owned();
+    let (exists, load) = with(|k| (k.modules.iter().any(|m| m.name == name), k.layout.MOD_LOAD));
+    if exists {
+        console(
+            alloc::format!("module_register_init: module_register({name}) error 17\n").as_bytes(),
+        );
+        return;
+    }
+    let module = Module {
+        name: name.clone(),
+        evhand,
+        private,
+        handle: Block::new(64, 8),
+        load_error: 0,
+    };
+    let error = module_event(&module, load);
+    if error != 0 {
+        console(
+            alloc::format!(
+                "module_register_init: MOD_LOAD ({name}, {evhand:#x}, {private:#x}) error {error}\n"
+            )
+            .as_bytes(),
+        );
+        let unload = with(|k| k.layout.MOD_UNLOAD);
+        module_event(&module, unload);
+    }
+    with(|k| {
+        k.modules.push(Module {
+            load_error: error,
+            ..module
+        })
+    });
+}

@@ -1,0 +1,512 @@
+//! The FreeBSD process: a static FreeBSD/amd64 program loaded by the
+//! client core's ELF loader into its own address space, run at ring 3 by
+//! the testbed's [`UserCpu`], its FreeBSD system calls served here
+//! (numbers of sys/sys/syscall.h; result in RAX, error = errno in RAX with
+//! the carry flag set, sys/amd64/amd64/vm_machdep.c cpu_set_syscall_retval).
+
+use super::{devfs, kpi, sysctl, unload, Checks, KldRun, Loaded, MODULE_FILEID};
+use crate::channel::Channel;
+use crate::log;
+use crate::user::UserCpu;
+use crate::x86;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use kqemu_client::loader::{self, AddressSpaceSpec, StackInfo};
+use kqemu_client::mm::{Mm, Placement};
+use kqemu_client::{Arch, Errno, GuestRam, MemFs, PagingFormat, Trap, UserContext};
+
+/// System call numbers (sys/sys/syscall.h).
+const SYS_EXIT: u64 = 1;
+const SYS_READ: u64 = 3;
+const SYS_WRITE: u64 = 4;
+const SYS_OPEN: u64 = 5;
+const SYS_CLOSE: u64 = 6;
+const SYS_GETPID: u64 = 20;
+const SYS_IOCTL: u64 = 54;
+const SYS_MUNMAP: u64 = 73;
+const SYS_CLOCK_GETTIME: u64 = 232;
+const SYS_KLDUNLOAD: u64 = 305;
+const SYS_KLDFIND: u64 = 306;
+const SYS_MMAP: u64 = 477;
+
+/// sys/sys/mman.h.
+const MAP_SHARED: u64 = 0x1;
+const MAP_PRIVATE: u64 = 0x2;
+const MAP_FIXED: u64 = 0x10;
+const MAP_ANON: u64 = 0x1000;
+const PROT_MASK: u64 = 0x7;
+/// RFLAGS at exec: IF and the always-one bit 1 (exec_setregs, PSL_USER).
+const RFLAGS_INITIAL: u64 = 0x202;
+/// RFLAGS.CF: the error flag of a FreeBSD system call.
+const RFLAGS_CF: u64 = 1;
+/// Register indices of UserContext::regs (kqemu order).
+const RAX: usize = 0;
+const RDX: usize = 2;
+const RSP: usize = 4;
+const RSI: usize = 6;
+const RDI: usize = 7;
+const R8: usize = 8;
+const R9: usize = 9;
+const R10: usize = 10;
+/// Longest path open(2) takes (MAXPATHLEN).
+const MAXPATHLEN: usize = 1024;
+/// Largest read/write served in one call.
+const IO_CHUNK: u64 = 1 << 20;
+/// Signals for a process killed by a CPU exception (sys/sys/signal.h).
+const SIGILL: i32 = 4;
+const SIGTRAP: i32 = 5;
+const SIGFPE: i32 = 8;
+const SIGBUS: i32 = 10;
+const SIGSEGV: i32 = 11;
+const SIGXCPU: i32 = 24;
+
+enum Fd {
+    Stdin,
+    Stdout,
+    Stderr,
+    Device(u32),
+}
+
+pub struct Process<'r, 'c> {
+    run: &'c KldRun<'c>,
+    ram: GuestRam<'r>,
+    channel: Rc<RefCell<Channel>>,
+    fds: Vec<Option<Fd>>,
+    mm: Option<Mm>,
+    exit: Option<i32>,
+    flush: bool,
+}
+
+/// A system call's result: value, or FreeBSD errno.
+type SysResult = Result<u64, i32>;
+
+fn errno(e: Errno) -> i32 {
+    // The client core speaks Linux errno; the values used here (EPERM
+    // ... ERANGE, 1..34) are the same on FreeBSD, except EAGAIN/EDEADLK.
+    match e.0 {
+        11 => 35,
+        35 => 11,
+        n => n,
+    }
+}
+
+impl<'r, 'c> Process<'r, 'c> {
+    pub fn new(run: &'c KldRun<'c>, ram: GuestRam<'r>, channel: Rc<RefCell<Channel>>) -> Self {
+        Process {
+            run,
+            ram,
+            channel,
+            fds: vec![Some(Fd::Stdin), Some(Fd::Stdout), Some(Fd::Stderr)],
+            mm: None,
+            exit: None,
+            flush: false,
+        }
+    }
+
+    fn output(&mut self, stderr: bool, bytes: &[u8]) {
+        if self
+            .channel
+            .borrow_mut()
+            .guest_output(stderr, bytes)
+            .is_err()
+        {
+            crate::fail(format_args!("the host channel is stuck"));
+        }
+    }
+
+    /// Runs argv[0] to its end; returns (status, cycles).
+    pub fn run(
+        &mut self,
+        fs: &MemFs,
+        loaded: &mut Option<Loaded>,
+        checks: &mut Checks,
+    ) -> (i32, u64) {
+        let config = self.run.config;
+        let path = config.argv.first().map_or("", String::as_str);
+        let Some(bytes) = fs.read_file(path) else {
+            self.output(
+                true,
+                alloc::format!("kld: cannot start {path}: no such file\n").as_bytes(),
+            );
+            return (127, 0);
+        };
+        let elf = match kqemu_client::elf::parse(bytes) {
+            Ok(elf) if elf.arch == Arch::Amd64 => elf,
+            _ => {
+                self.output(
+                    true,
+                    alloc::format!("kld: {path}: not an amd64 ELF executable\n").as_bytes(),
+                );
+                return (126, 0);
+            }
+        };
+        let argv: Vec<Vec<u8>> = config.argv.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let envp: Vec<Vec<u8>> = config.envp.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let spec = AddressSpaceSpec {
+            format: PagingFormat::Long4,
+            nx: self.run.features.nx,
+            kernel_entries: &self.run.space.upper_entries,
+        };
+        let info = StackInfo {
+            execfn: path.as_bytes(),
+            random: [0x5a; 16],
+            hwcap: 0,
+        };
+        let image = match loader::load(&mut self.ram, spec, &elf, &argv, &envp, &info) {
+            Ok(image) => image,
+            Err(e) => {
+                self.output(
+                    true,
+                    alloc::format!("kld: cannot load {path}: errno {}\n", e.0).as_bytes(),
+                );
+                return (126, 0);
+            }
+        };
+        let mut ctx = UserContext {
+            rip: image.entry,
+            rflags: RFLAGS_INITIAL,
+            ..UserContext::default()
+        };
+        ctx.regs[RSP] = image.sp;
+        // exec_setregs (amd64): RDI points at argc too.
+        ctx.regs[RDI] = image.sp;
+        let cr3 = image.mm.cr3();
+        self.mm = Some(image.mm);
+        kpi::with(|k| k.cr3 = cr3);
+
+        let mut cpu = UserCpu::new(self.run.features);
+        let limit = self.run.clock.ms_to_cycles(config.time_limit_ms);
+        let start = x86::rdtsc();
+        let mut status = 0;
+        // Bounded by the time limit, checked on every trap (the LAPIC
+        // timer interrupts ring 3 at 100 Hz).
+        while self.exit.is_none() {
+            if x86::rdtsc() - start > limit {
+                log!("kld: time limit reached: killed (SIGXCPU)");
+                status = 128 + SIGXCPU;
+                break;
+            }
+            let flush = core::mem::take(&mut self.flush);
+            let trap = cpu.run(1, Arch::Amd64, cr3, flush, &mut ctx, self.run.clock);
+            match trap {
+                Trap::Syscall => self.syscall(&mut ctx, loaded, checks),
+                Trap::Timer => {}
+                Trap::Int80 => status = 128 + SIGSEGV,
+                Trap::Exception {
+                    vector,
+                    error_code,
+                    cr2,
+                } => {
+                    let signal = match vector {
+                        0 | 16 | 19 => SIGFPE,
+                        1 | 3 => SIGTRAP,
+                        6 => SIGILL,
+                        17 => SIGBUS,
+                        _ => SIGSEGV,
+                    };
+                    log!(
+                        "kld: pid 1 killed by exception {vector} (error {error_code:#x}, cr2 {cr2:#x}) at {:#x}",
+                        ctx.rip
+                    );
+                    status = 128 + signal;
+                }
+            }
+            if status != 0 {
+                break;
+            }
+        }
+        let cycles = x86::rdtsc() - start;
+        let status = self.exit.unwrap_or(status);
+        self.exit_files();
+        if let Some(mm) = self.mm.take() {
+            mm.destroy(&mut self.ram);
+        }
+        kpi::with(|k| k.cr3 = 0);
+        log!("kld: pid 1 status {status}, {cycles} cycles");
+        (status, cycles)
+    }
+
+    /// exit1: every descriptor is closed (cdevpriv destructors run).
+    fn exit_files(&mut self) {
+        for fd in 0..self.fds.len() {
+            if let Some(Fd::Device(id)) = self.fds[fd].take() {
+                devfs::close(id);
+            }
+        }
+    }
+
+    fn syscall(&mut self, ctx: &mut UserContext, loaded: &mut Option<Loaded>, checks: &mut Checks) {
+        kpi::enter_kernel();
+        let r = ctx.regs;
+        let args = [r[RDI], r[RSI], r[RDX], r[R10], r[R8], r[R9]];
+        let number = r[RAX];
+        let result = match number {
+            SYS_EXIT => {
+                self.exit = Some((args[0] & 0xff) as i32);
+                Ok(0)
+            }
+            SYS_READ => self.read(args),
+            SYS_WRITE => self.write(args),
+            SYS_OPEN => self.open(args),
+            SYS_CLOSE => self.close(args),
+            SYS_GETPID => Ok(1),
+            SYS_IOCTL => self.ioctl(args),
+            SYS_MUNMAP => self.munmap(args),
+            SYS_CLOCK_GETTIME => self.clock_gettime(args),
+            SYS_KLDFIND => self.kldfind(args, loaded),
+            SYS_KLDUNLOAD => self.kldunload(args, loaded, checks),
+            SYS_MMAP => self.mmap(args),
+            _ => {
+                log!("kld: pid 1: system call {number} is not served: ENOSYS");
+                Err(kpi::with(|k| k.layout.ENOSYS as i32))
+            }
+        };
+        match result {
+            Ok(v) => {
+                ctx.regs[RAX] = v;
+                ctx.regs[RDX] = 0;
+                ctx.rflags &= !RFLAGS_CF;
+            }
+            Err(e) => {
+                ctx.regs[RAX] = e as u64;
+                ctx.rflags |= RFLAGS_CF;
+            }
+        }
+    }
+
+    fn mm(&mut self) -> (&mut Mm, &mut GuestRam<'r>) {
+        let Some(mm) = self.mm.as_mut() else {
+            crate::fail(format_args!("kld: system call without an address space"))
+        };
+        (mm, &mut self.ram)
+    }
+
+    fn fd(&self, fd: u64) -> Result<&Fd, i32> {
+        let ebadf = kpi::with(|k| k.layout.EBADF as i32);
+        usize::try_from(fd)
+            .ok()
+            .and_then(|i| self.fds.get(i))
+            .and_then(Option::as_ref)
+            .ok_or(ebadf)
+    }
+
+    fn read(&mut self, a: [u64; 6]) -> SysResult {
+        match self.fd(a[0])? {
+            Fd::Stdin => Ok(0),
+            Fd::Stdout | Fd::Stderr => Err(kpi::with(|k| k.layout.EBADF as i32)),
+            // No d_read in the module's cdevsw: no_read (prep_cdevsw).
+            Fd::Device(_) => Err(kpi::with(|k| k.layout.ENODEV as i32)),
+        }
+    }
+
+    fn write(&mut self, a: [u64; 6]) -> SysResult {
+        let stderr = match self.fd(a[0])? {
+            Fd::Stdout => false,
+            Fd::Stderr => true,
+            Fd::Stdin => return Err(kpi::with(|k| k.layout.EBADF as i32)),
+            Fd::Device(_) => return Err(kpi::with(|k| k.layout.ENODEV as i32)),
+        };
+        let len = a[2].min(IO_CHUNK);
+        let mut buf = vec![0u8; len as usize];
+        let (mm, ram) = self.mm();
+        mm.read(ram, a[1], &mut buf).map_err(errno)?;
+        self.output(stderr, &buf);
+        Ok(len)
+    }
+
+    /// open(2) of a devfs node: FFLAGS(flags) reach d_open.
+    fn open(&mut self, a: [u64; 6]) -> SysResult {
+        let (enoent, accmode, emfile) = kpi::with(|k| {
+            (
+                k.layout.ENOENT as i32,
+                k.layout.O_ACCMODE,
+                k.layout.EMFILE as i32,
+            )
+        });
+        let (mm, ram) = self.mm();
+        let path = mm
+            .read_cstr(ram, a[0], MAXPATHLEN, Errno(63))
+            .map_err(errno)?;
+        let path = String::from_utf8_lossy(&path).into_owned();
+        let Some(name) = path.strip_prefix("/dev/") else {
+            return Err(enoent);
+        };
+        // FFLAGS(): O_RDONLY 0 → FREAD 1, O_WRONLY 1 → FWRITE 2, O_RDWR 2 → both.
+        let fflags = ((a[1] & accmode) + 1) | (a[1] & !accmode);
+        let slot = match self.fds.iter().position(Option::is_none) {
+            Some(slot) => slot,
+            None if self.fds.len() < 64 => {
+                self.fds.push(None);
+                self.fds.len() - 1
+            }
+            None => return Err(emfile),
+        };
+        let id = devfs::open(name, fflags as i32)?;
+        self.fds[slot] = Some(Fd::Device(id));
+        Ok(slot as u64)
+    }
+
+    fn close(&mut self, a: [u64; 6]) -> SysResult {
+        self.fd(a[0])?;
+        match self.fds[a[0] as usize].take() {
+            Some(Fd::Device(id)) => match devfs::close(id) {
+                0 => Ok(0),
+                e => Err(e),
+            },
+            _ => Ok(0),
+        }
+    }
+
+    /// sys_ioctl / kern_ioctl: the argument is copied in for IOC_IN, zeroed
+    /// for IOC_OUT alone, and copied out for IOC_OUT only when the driver
+    /// returned 0.
+    fn ioctl(&mut self, a: [u64; 6]) -> SysResult {
+        let l = kpi::with(|k| k.layout);
+        let Fd::Device(id) = *self.fd(a[0])? else {
+            return Err(l.ENOTTY as i32);
+        };
+        // The command is a u_long; FreeBSD keeps its low 32 bits.
+        let cmd = a[1] & 0xffff_ffff;
+        let size = (cmd >> 16) & l.IOCPARM_MASK;
+        if size > l.IOCPARM_MAX {
+            return Err(l.ENOTTY as i32);
+        }
+        let mut buf = vec![0u8; size.max(8) as usize];
+        if cmd & l.IOC_VOID != 0 && size == 0 {
+            // An int argument passed by value.
+            buf[..8].copy_from_slice(&a[2].to_le_bytes());
+        } else if cmd & l.IOC_IN != 0 && size > 0 {
+            let (mm, ram) = self.mm();
+            mm.read(ram, a[2], &mut buf[..size as usize])
+                .map_err(|_| l.EFAULT as i32)?;
+        }
+        let error = devfs::ioctl(id, cmd, buf.as_mut_ptr());
+        if error != 0 {
+            return Err(error);
+        }
+        if cmd & l.IOC_OUT != 0 && size > 0 {
+            let (mm, ram) = self.mm();
+            mm.write(ram, a[2], &buf[..size as usize])
+                .map_err(|_| l.EFAULT as i32)?;
+        }
+        Ok(0)
+    }
+
+    /// mmap(2) of anonymous memory (MAP_ANON, shared or private: one
+    /// process, so both are the same pages).
+    fn mmap(&mut self, a: [u64; 6]) -> SysResult {
+        let (einval, enodev) = kpi::with(|k| (k.layout.EINVAL as i32, k.layout.ENODEV as i32));
+        let (addr, len, prot, flags) = (a[0], a[1], a[2], a[3]);
+        if flags & MAP_ANON == 0 {
+            log!("kld: mmap of a file is not served yet (issue 7): ENODEV");
+            return Err(enodev);
+        }
+        if len == 0 || (flags & (MAP_SHARED | MAP_PRIVATE)) == (MAP_SHARED | MAP_PRIVATE) {
+            return Err(einval);
+        }
+        let len = len.checked_next_multiple_of(kpi::PAGE_SIZE).ok_or(einval)?;
+        let placement = if flags & MAP_FIXED != 0 {
+            Placement::Fixed(addr)
+        } else {
+            Placement::Hint(addr)
+        };
+        let (mm, ram) = self.mm();
+        mm.map_region(ram, placement, len, (prot & PROT_MASK) as u32)
+            .map_err(errno)
+    }
+
+    /// munmap(2). Pages the module holds stay the module's in FreeBSD (a
+    /// hold is a wiring); the client core would free them, so unmapping a
+    /// held page is refused here rather than modelled wrong (issue 7:
+    /// munmap of guest RAM between EXECs).
+    fn munmap(&mut self, a: [u64; 6]) -> SysResult {
+        let (addr, len) = (a[0], a[1]);
+        let einval = kpi::with(|k| k.layout.EINVAL as i32);
+        let end = addr.checked_add(len).ok_or(einval)?;
+        let held = kpi::with(|k| {
+            let phys: Vec<u64> = k.books.held.values().map(|e| e.0).collect();
+            let mut page = addr & !(kpi::PAGE_SIZE - 1);
+            while page < end {
+                if k.user_page(page, false).is_some_and(|p| phys.contains(&p)) {
+                    return true;
+                }
+                page += kpi::PAGE_SIZE;
+            }
+            false
+        });
+        if held {
+            log!("kld: munmap of pages the module holds is not modelled (issue 7): EINVAL");
+            return Err(einval);
+        }
+        let (mm, ram) = self.mm();
+        mm.unmap(ram, addr, len).map_err(errno)?;
+        self.flush = true;
+        Ok(0)
+    }
+
+    fn clock_gettime(&mut self, a: [u64; 6]) -> SysResult {
+        let cycles = x86::rdtsc();
+        let khz = self.run.clock.tsc_khz.max(1);
+        let ns =
+            (u128::from(cycles) * 1_000_000 / u128::from(khz)) as u64 + self.run.config.epoch_ns;
+        let mut ts = [0u8; 16];
+        ts[..8].copy_from_slice(&(ns / 1_000_000_000).to_le_bytes());
+        ts[8..].copy_from_slice(&(ns % 1_000_000_000).to_le_bytes());
+        let (mm, ram) = self.mm();
+        mm.write(ram, a[1], &ts).map_err(errno)?;
+        Ok(0)
+    }
+
+    /// kldfind(2): `kqemu` or `kqemu.ko` (linker_find_file_by_name).
+    fn kldfind(&mut self, a: [u64; 6], loaded: &Option<Loaded>) -> SysResult {
+        let enoent = kpi::with(|k| k.layout.ENOENT as i32);
+        let (mm, ram) = self.mm();
+        let name = mm
+            .read_cstr(ram, a[0], MAXPATHLEN, Errno(63))
+            .map_err(errno)?;
+        match (&name[..], loaded) {
+            (b"kqemu" | b"kqemu.ko", Some(_)) => Ok(MODULE_FILEID as u64),
+            _ => Err(enoent),
+        }
+    }
+
+    /// kldunload(2) (the caller is root).
+    fn kldunload(
+        &mut self,
+        a: [u64; 6],
+        loaded: &mut Option<Loaded>,
+        checks: &mut Checks,
+    ) -> SysResult {
+        let enoent = kpi::with(|k| k.layout.ENOENT as i32);
+        if a[0] as i32 != MODULE_FILEID || loaded.is_none() {
+            return Err(enoent);
+        }
+        match unload(loaded, checks) {
+            0 => {
+                let gone = sysctl::read_int("hw.kqemu.version").is_err()
+                    && devfs::node(super::DEVICE_NAME).is_none();
+                checks.check(
+                    gone,
+                    "kldunload-syscall",
+                    format_args!("module unloaded, /dev/kqemu and hw.kqemu gone: {gone}"),
+                );
+                Ok(0)
+            }
+            e => {
+                // MOD_QUIESCE refused: the open files the module counts
+                // (hw.kqemu.instances) are why.
+                let instances = sysctl::read_int("hw.kqemu.instances");
+                let ebusy = kpi::with(|k| k.layout.EBUSY as i32);
+                checks.check(
+                    e == ebusy && instances == Ok(1),
+                    "kldunload-busy",
+                    format_args!("error {e} with hw.kqemu.instances = {instances:?}"),
+                );
+                Err(e)
+            }
+        }
+    }
+}
