@@ -898,6 +898,39 @@ fn timer_rotates_between_runnable_processes() {
 }
 
 #[test]
+fn switch_every_rotates_after_that_many_calls() {
+    use common::{MockConsole, Output};
+    use kqemu_client::{GuestRam, Linux, LinuxConfig};
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    let mut fs = MemFs::new();
+    fs.add_file("/bin/tiny", &tiny_elf(Arch::Amd64), 0o755)
+        .unwrap();
+    let bytes: &'static mut [u8] = Box::leak(vec![0u8; 8 << 20].into_boxed_slice());
+    let ram = GuestRam::new(bytes, 16 << 20).unwrap();
+    let out = Rc::new(RefCell::new(Output::default()));
+    let mut cfg = LinuxConfig::new(Arch::Amd64, PagingFormat::Long4);
+    cfg.switch_every = 3;
+    let linux = Linux::new(ram, fs, cfg, Box::new(MockConsole(out.clone())));
+    let mut m = Machine {
+        linux,
+        out,
+        arch: Arch::Amd64,
+    };
+    assert_eq!(m.linux.spawn("/bin/tiny", &["tiny"], &["HOME=/"]), Ok(1));
+    // Call 1 of pid 1.
+    assert_eq!(m.sys(1, AMD64.fork, &[]), Some(2));
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        let pid = m.linux.next().map(|r| r.pid).unwrap();
+        order.push(pid);
+        assert!(m.sys(pid, AMD64.uname, &[0]).is_some());
+    }
+    assert_eq!(order, [1, 1, 2, 2, 2, 1, 1, 1], "every third call moves on");
+}
+
+#[test]
 fn dup2_and_sendfile_between_files_and_pipes() {
     for mut m in machines() {
         let n = nr(m.arch);

@@ -274,34 +274,213 @@ fn state_of(
     s
 }
 
-/// Emulates `mov r16/r32, %fs` or `%gs` (8E /r, register form, SDM Vol.
-/// 2B MOV): the monitor has only the entry registers' descriptors, so a
-/// process's first load of its TLS selector comes back as SOFTMMU.
-/// Returns the instruction's length.
-fn emulate_segment_load(code: &[u8], ctx: &mut UserContext) -> Option<u64> {
-    let prefix = usize::from(code.first() == Some(&0x66));
-    let [0x8e, modrm] = *code.get(prefix..prefix + 2)? else {
-        return None;
+/// Limit of the guest OS's GDT as `state_of` describes it (16 entries).
+const GUEST_GDT_LIMIT: u16 = 0x7f;
+/// Exception vectors of a failed segment load (SDM Vol. 3A 6.15).
+const VECTOR_UD: u8 = 6;
+const VECTOR_NP: u8 = 11;
+const VECTOR_SS: u8 = 12;
+/// Segment descriptor bits (SDM Vol. 3A 3.4.5): P, S, and in the type
+/// field code, conforming (code) and readable (code) / writable (data).
+const DESC_P: u64 = 1 << 47;
+const DESC_S: u64 = 1 << 44;
+const DESC_CODE: u64 = 1 << 43;
+const DESC_CONFORMING: u64 = 1 << 42;
+const DESC_RW: u64 = 1 << 41;
+const DESC_DPL_SHIFT: u32 = 45;
+/// ModRM reg field of `mov Sreg, r/m16` (8E /r): ES CS SS DS FS GS.
+const SREG_CS: u8 = 1;
+const SREG_SS: u8 = 2;
+const SREG_FS: u8 = 4;
+const SREG_GS: u8 = 5;
+
+/// A descriptor as the GDT holds it, from the attribute dword of `cache`
+/// (base 0, limit 0xfffff).
+fn flat_descriptor(flags: u32) -> u64 {
+    (u64::from(flags) << 32) | 0xffff
+}
+
+/// Entry `index` of the guest OS's GDT (0: empty): the code and data
+/// segments `state_of` gives the process and, for i386 processes, their
+/// TLS entries. These are the only descriptors the monitor has.
+fn guest_descriptor(ctx: &UserContext, compat: bool, index: u16) -> u64 {
+    match (compat, index) {
+        (true, i) if i == GUEST_CS32 >> 3 => flat_descriptor(FLAGS_CODE32),
+        (true, i) if i == GUEST_DS32 >> 3 => flat_descriptor(FLAGS_DATA),
+        (true, i) if (TLS_FIRST..TLS_FIRST + 3).contains(&i) => {
+            ctx.tls[usize::from(i - TLS_FIRST)].descriptor()
+        }
+        (false, i) if i == GUEST_CS64 >> 3 => flat_descriptor(FLAGS_CODE64),
+        (false, i) if i == GUEST_DS >> 3 => flat_descriptor(FLAGS_DATA),
+        _ => 0,
+    }
+}
+
+/// What the client's emulation of one instruction came to.
+enum Emulated {
+    /// The instruction completed; it was this long.
+    Done(u64),
+    /// It raised this exception (the guest OS turns it into a signal).
+    Fault(Trap),
+}
+
+fn fault(vector: u8, error_code: u16) -> Emulated {
+    Emulated::Fault(Trap::Exception {
+        vector,
+        error_code: u32::from(error_code),
+        cr2: 0,
+    })
+}
+
+/// Emulates `mov Sreg, r16/r32` (8E /r, register form) and `pop Sreg`
+/// (1F, 07, 17 outside 64-bit mode; 0F A1, 0F A9) at CPL 3 against the
+/// guest OS's GDT, with the checks of SDM Vol. 2B MOV ("Loading a segment
+/// register in protected mode") and POP: the monitor has the process's
+/// entry descriptors only, so a load it cannot do (a TLS selector, a bad
+/// selector) comes back as SOFTMMU. A load that succeeds is carried out
+/// only where the process's state has a place for it (FS and GS of i386
+/// processes); `None`: this client cannot emulate the instruction.
+/// `stack_top` is the word at the stack pointer, for `pop`.
+fn emulate_segment_load(
+    code: &[u8],
+    ctx: &mut UserContext,
+    compat: bool,
+    stack_top: Option<u16>,
+) -> Option<Emulated> {
+    let prefixes = code
+        .iter()
+        .take_while(|&&b| b == 0x66 || (!compat && (0x40..=0x4f).contains(&b)))
+        .count();
+    let operand16 = code[..prefixes].contains(&0x66);
+    let rex_b = code[..prefixes]
+        .iter()
+        .any(|&b| (0x40..=0x4f).contains(&b) && b & 1 != 0);
+    // What a `pop` adds to the stack pointer: the operand size.
+    let popped = if operand16 {
+        2
+    } else if compat {
+        4
+    } else {
+        8
     };
-    if modrm >> 6 != 3 {
-        return None;
+    // (segment register, selector, bytes popped, instruction length)
+    let (sreg, selector, pop, len) = match *code.get(prefixes..)? {
+        [0x8e, modrm, ..] if modrm >> 6 == 3 => {
+            let reg = usize::from(modrm & 7) + if rex_b { 8 } else { 0 };
+            ((modrm >> 3) & 7, ctx.regs[reg] as u16, 0, 2)
+        }
+        [0x1f, ..] if compat => (3, stack_top?, popped, 1),
+        [0x07, ..] if compat => (0, stack_top?, popped, 1),
+        [0x17, ..] if compat => (SREG_SS, stack_top?, popped, 1),
+        [0x0f, 0xa1, ..] => (SREG_FS, stack_top?, popped, 2),
+        [0x0f, 0xa9, ..] => (SREG_GS, stack_top?, popped, 2),
+        _ => return None,
+    };
+    if sreg == SREG_CS || sreg > SREG_GS {
+        return Some(fault(VECTOR_UD, 0));
     }
-    let selector = ctx.regs[usize::from(modrm & 7)] as u16;
-    let index = selector >> 3;
-    let valid = selector == 0
-        || selector == GUEST_DS32
-        || (selector & 7 == 3
-            && (TLS_FIRST..TLS_FIRST + 3).contains(&index)
-            && ctx.tls[usize::from(index - TLS_FIRST)].descriptor() != 0);
-    if !valid {
-        return None;
+    let error = selector & !3;
+    let rpl = selector & 3;
+    if selector & !3 == 0 {
+        // A null selector: #GP(0) for SS at CPL 3, else it loads.
+        if sreg == SREG_SS {
+            return Some(fault(VECTOR_GP, 0));
+        }
+    } else {
+        // TI = 1: this guest OS sets no LDT.
+        if selector & 4 != 0 || (selector & !7) + 7 > GUEST_GDT_LIMIT {
+            return Some(fault(VECTOR_GP, error));
+        }
+        let desc = guest_descriptor(ctx, compat, selector >> 3);
+        let dpl = ((desc >> DESC_DPL_SHIFT) & 3) as u16;
+        let code_seg = desc & DESC_CODE != 0;
+        if sreg == SREG_SS {
+            if rpl != 3 || dpl != 3 || desc & DESC_S == 0 || code_seg || desc & DESC_RW == 0 {
+                return Some(fault(VECTOR_GP, error));
+            }
+            if desc & DESC_P == 0 {
+                return Some(fault(VECTOR_SS, error));
+            }
+        } else {
+            let conforming = code_seg && desc & DESC_CONFORMING != 0;
+            if desc & DESC_S == 0
+                || (code_seg && desc & DESC_RW == 0)
+                || (!conforming && (rpl > dpl || 3 > dpl))
+            {
+                return Some(fault(VECTOR_GP, error));
+            }
+            if desc & DESC_P == 0 {
+                return Some(fault(VECTOR_NP, error));
+            }
+        }
     }
-    match (modrm >> 3) & 7 {
-        4 => ctx.fs_sel = selector,
-        5 => ctx.gs_sel = selector,
+    match sreg {
+        SREG_FS if compat => ctx.fs_sel = selector,
+        SREG_GS if compat => ctx.gs_sel = selector,
         _ => return None,
     }
-    Some(prefix as u64 + 2)
+    ctx.regs[4] = (ctx.regs[4] + pop) & 0xffff_ffff;
+    Some(Emulated::Done(prefixes as u64 + len))
+}
+
+/// Whether a 64-bit address is canonical (48-bit linear addresses, SDM
+/// Vol. 1 3.3.7.1).
+fn canonical(addr: u64) -> bool {
+    ((addr as i64) << 16 >> 16) as u64 == addr
+}
+
+/// A 64-bit process's `push r64` with a non-canonical stack address
+/// (#SS(0)) or `mov r32/r64, [r64]` from a non-canonical address (#GP(0)),
+/// SDM Vol. 3A 6.15: the monitor hands such faults over as SOFTMMU.
+fn noncanonical_access(code: &[u8], ctx: &UserContext) -> Option<Emulated> {
+    let rex = code.first().copied().filter(|b| (0x40..=0x4f).contains(b));
+    let rest = &code[usize::from(rex.is_some())..];
+    let rex_b = usize::from(rex.is_some_and(|r| r & 1 != 0)) * 8;
+    match *rest {
+        [0x50..=0x57, ..] => (!canonical(ctx.regs[4].wrapping_sub(8))).then(|| fault(VECTOR_SS, 0)),
+        [0x8b, modrm, ..] if modrm >> 6 == 0 && !matches!(modrm & 7, 4 | 5) => {
+            let addr = ctx.regs[usize::from(modrm & 7) + rex_b];
+            (!canonical(addr)).then(|| fault(VECTOR_GP, 0))
+        }
+        _ => None,
+    }
+}
+
+/// A far `jmp`/`call` through memory (FF /5, FF /3) whose pointer holds
+/// the null selector: #GP(0) (SDM Vol. 2A JMP). Returns the address of
+/// the far pointer's selector when the instruction is such a transfer
+/// (register-indirect or, RIP-relative / absolute, disp32 forms).
+fn far_pointer_selector_addr(code: &[u8], ctx: &UserContext, compat: bool) -> Option<u64> {
+    let rex = code
+        .first()
+        .copied()
+        .filter(|b| !compat && (0x40..=0x4f).contains(b));
+    let rest = &code[usize::from(rex.is_some())..];
+    let [0xff, modrm, ..] = *rest else {
+        return None;
+    };
+    if modrm >> 6 != 0 || !matches!((modrm >> 3) & 7, 3 | 5) {
+        return None;
+    }
+    let offset_size = if rex.is_some_and(|r| r & 8 != 0) {
+        8
+    } else {
+        4
+    };
+    let base = match modrm & 7 {
+        4 => return None,
+        5 => {
+            let disp = i32::from_le_bytes(rest.get(2..6)?.try_into().ok()?);
+            let len = usize::from(rex.is_some()) as u64 + 6;
+            if compat {
+                u64::from(disp as u32)
+            } else {
+                ctx.rip.wrapping_add(len).wrapping_add(disp as i64 as u64)
+            }
+        }
+        rm => ctx.regs[usize::from(rm) + usize::from(rex.is_some_and(|r| r & 1 != 0)) * 8],
+    };
+    Some(base.wrapping_add(offset_size))
 }
 
 /// Whether `code` starts with an instruction that raises #GP(0) at CPL 3
@@ -320,6 +499,9 @@ fn raises_gp(code: &[u8]) -> bool {
         [0xf4 | 0xfa | 0xfb | 0xe4..=0xe7 | 0xec..=0xef | 0x6c..=0x6f, ..] => true,
         [0xea | 0x9a, ..] => true,
         [0x0f, 0x20..=0x23 | 0x06 | 0x08 | 0x09 | 0x30 | 0x32, ..] => true,
+        // SYSENTER with IA32_SYSENTER_CS = 0 raises #GP(0) (SDM Vol. 2B
+        // SYSENTER): this guest OS sets no SYSENTER MSRs, as in native mode.
+        [0x0f, 0x34, ..] => true,
         [0x0f, 0x01, modrm, ..] => matches!((modrm >> 3) & 7, 2 | 3 | 6 | 7),
         _ => false,
     }
@@ -516,34 +698,55 @@ impl MonitorRun<'_> {
                     }
                 }
                 KQEMU_RET_SOFTMMU => {
-                    // This client has no emulator: it only knows that a
-                    // privileged instruction at CPL 3 raises #GP(0).
-                    let mut code = [0u8; 6];
-                    let readable = linux.read_user(pid, state.eip, &mut code).is_ok();
-                    let emulated = readable
-                        && compat
-                        && linux.context(pid).is_some_and(|c| {
-                            emulate_segment_load(&code, c)
-                                .map(|len| {
-                                    c.rip = (c.rip + len) & 0xffff_ffff;
-                                })
-                                .is_some()
-                        });
-                    if emulated {
-                        // A preemption point for the OS, as after a tick.
-                        linux.trap(pid, Trap::Timer);
-                        continue;
-                    }
-                    if !(readable && raises_gp(&code)) {
-                        crate::fail(format_args!(
-                            "the monitor asks for emulation (SOFTMMU) at rip {:#x} ({code:02x?}), which this client cannot do",
-                            state.eip
-                        ));
-                    }
-                    Trap::Exception {
-                        vector: VECTOR_GP,
-                        error_code: 0,
-                        cr2: 0,
+                    // This client has a small emulator only: segment-register
+                    // loads, non-canonical accesses, null far pointers, and
+                    // the privileged instructions that raise #GP(0) at CPL 3.
+                    let mut code = [0u8; 16];
+                    let readable = linux.read_user(pid, state.eip, &mut code).is_ok()
+                        || linux.read_user(pid, state.eip, &mut code[..6]).is_ok();
+                    let selector_addr = linux
+                        .context(pid)
+                        .and_then(|c| far_pointer_selector_addr(&code, c, compat));
+                    let mut stack_top = [0u8; 2];
+                    let sp = state.regs[4] & if compat { 0xffff_ffff } else { u64::MAX };
+                    let stack_top = linux
+                        .read_user(pid, sp, &mut stack_top)
+                        .is_ok()
+                        .then(|| u16::from_le_bytes(stack_top));
+                    let mut selector = [0u8; 2];
+                    let null_far = selector_addr.is_some_and(|addr| {
+                        linux.read_user(pid, addr, &mut selector).is_ok() && selector == [0, 0]
+                    });
+                    let emulated = if !readable {
+                        None
+                    } else if null_far {
+                        Some(fault(VECTOR_GP, 0))
+                    } else {
+                        linux.context(pid).and_then(|c| {
+                            emulate_segment_load(&code, c, compat, stack_top)
+                                .or_else(|| (!compat).then(|| noncanonical_access(&code, c))?)
+                        })
+                    };
+                    match emulated {
+                        Some(Emulated::Done(len)) => {
+                            if let Some(c) = linux.context(pid) {
+                                c.rip = (c.rip + len) & if compat { 0xffff_ffff } else { u64::MAX };
+                            }
+                            // A preemption point for the OS, as after a tick.
+                            linux.trap(pid, Trap::Timer);
+                            continue;
+                        }
+                        Some(Emulated::Fault(trap)) => trap,
+                        None if readable && raises_gp(&code) => Trap::Exception {
+                            vector: VECTOR_GP,
+                            error_code: 0,
+                            cr2: 0,
+                        },
+                        None => crate::fail(format_args!(
+                            "the monitor asks for emulation (SOFTMMU) at rip {:#x} ({:02x?}), which this client cannot do",
+                            state.eip,
+                            &code[..6]
+                        )),
                     }
                 }
                 other => crate::fail(format_args!(
