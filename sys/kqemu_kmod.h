@@ -33,9 +33,12 @@ d_priv_dtor_t kqemu_cdevpriv_dtor;
 struct thread *kqemu_curthread(void);
 vm_paddr_t kqemu_vm_page_to_phys(vm_page_t m);
 void	*kqemu_phys_to_dmap(vm_paddr_t pa);
+vm_paddr_t kqemu_vtophys(vm_offset_t va);
 int	kqemu_make_dev_s(struct make_dev_args *args, struct cdev **cdev,
 	    const char *name);
 void	kqemu_vm_map_lock_read(vm_map_t map);
 void	kqemu_vm_map_unlock_read(vm_map_t map);
+u_int	kqemu_cpu_enter(void);
+void	kqemu_cpu_leave(void);
 
 #endif /* !_KQEMU_KMOD_H_ */

@@ -168,21 +168,32 @@ impl Host for FreeBsdHost {
         unsafe { sys::vm_page_unhold_pages(&mut m, 1) };
     }
 
-    /// TODO(#7): pmap_kextract(9) for the switcher pages, with its KPI
-    /// entry; until then the kld runs no guest code (`cpu_enter`).
-    fn virt_to_phys(&self, _virt: u64) -> Option<u64> {
-        None
+    fn virt_to_phys(&self, virt: u64) -> Option<u64> {
+        // Only page-aligned addresses are asked for (switcher pages, table
+        // pages), so the 0 vtophys(9) answers for an unmapped page cannot
+        // be confused with a mapped one.
+        if !virt.is_multiple_of(PAGE_SIZE) {
+            return None;
+        }
+        // SAFETY: pmap_kextract(9) only reads the kernel page tables.
+        let phys = unsafe { sys::kqemu_vtophys(virt) };
+        (phys != 0).then_some(phys)
     }
 
-    /// TODO(#7): critical_enter(9), the CPU index from the pcpu and the
-    /// user FPU state made live (FREEBSD.md "CPU"), tested by loading the
-    /// kld in the testbed. Until then EXEC answers KQEMU_RET_ABORT, as the
-    /// lead's contract says for a module without a monitor.
     fn cpu_enter(&self) -> Option<usize> {
-        None
+        // SAFETY: thread context (an ioctl). kqemu_cpu_enter enters a
+        // critical section (no preemption or migration until cpu_leave)
+        // and makes the thread's user FPU state live with CR0.TS clear
+        // (FREEBSD.md "CPU", ABI.md "Guest FPU contract").
+        let cpu = unsafe { sys::kqemu_cpu_enter() };
+        Some(cpu as usize)
     }
 
-    fn cpu_leave(&self) {}
+    fn cpu_leave(&self) {
+        // SAFETY: pairs with the critical_enter(9) of cpu_enter; a
+        // preemption deferred meanwhile happens here.
+        unsafe { sys::kqemu_cpu_leave() };
+    }
 
     fn should_yield(&self) -> bool {
         // SAFETY: curthread is valid in thread context, and these two

@@ -34,7 +34,9 @@ use crate::monitor::ram::{
     WriteFault,
 };
 use crate::monitor::segments::{CodeSize, CpuMode, Selector};
-use crate::monitor::shadow::{Derivation, LeafMapping, Shadow, ShadowNode, TablePage, TablePages};
+use crate::monitor::shadow::{
+    Derivation, LeafMapping, Shadow, ShadowFlags, ShadowNode, TablePage, TablePages,
+};
 use crate::monitor::switch::{self, Exit, RunSetup, SwitchArea};
 use crate::monitor::validate::{validate_normal_mode, NormalModeEntry};
 
@@ -65,6 +67,9 @@ const OP_INTO: u8 = 0xce;
 const OP_TWO_BYTE: u8 = 0x0f;
 const OP2_SYSCALL: u8 = 0x05;
 const OP2_SYSENTER: u8 = 0x34;
+/// Physical-address bits of a host page-table entry (bits 51:12, SDM
+/// Vol. 3A Table 4-19).
+const PTE_FRAME: u64 = 0x000f_ffff_ffff_f000;
 
 /// What a guest exit means for the client, decided from the exit and the
 /// bytes at the guest's RIP.
@@ -232,18 +237,21 @@ unsafe impl<H: Host> TablePages for HostTables<H> {
     }
 }
 
-/// Guest-physical memory for the page walks: RAM pages held just for the
-/// access.
+/// Guest-physical memory for the page walks: a RAM page through the
+/// locked-page cache when it holds the page, else held just for the access
+/// (a hold and a release per access are costly on FreeBSD: the page-table
+/// pages of a walk are locked by the page fault that walks them).
 struct RamMem<'a, H: Host> {
     host: &'a H,
     map: &'a PhysMap<H>,
     ram: &'a RamParams,
+    locked: Option<&'a mut LockedCache<H>>,
 }
 
 impl<H: Host> RamMem<'_, H> {
     /// Runs `f` on the kernel address of guest-physical `addr`.
     fn with<R>(
-        &self,
+        &mut self,
         addr: GuestPhys,
         f: impl FnOnce(*mut u8) -> R,
     ) -> core::result::Result<R, NotRam> {
@@ -253,6 +261,14 @@ impl<H: Host> RamMem<'_, H> {
         };
         if u64::from(page.index()) >= self.ram.pages() {
             return Err(NotRam);
+        }
+        if let Some(frame) = self.locked.as_mut().and_then(|l| l.lookup(page)) {
+            if frame.kernel != 0 {
+                let base = frame.kernel as *mut u8;
+                // SAFETY: a locked page stays held while it is in the
+                // cache, which this walk borrows; the offset is inside it.
+                return Ok(f(unsafe { base.add(addr.page_offset() as usize) }));
+            }
         }
         let held =
             UserPage::hold(self.host, self.ram.ram_base + page.offset()).map_err(|_| NotRam)?;
@@ -407,6 +423,11 @@ pub struct Monitor<H: Host> {
     switcher_cpu: Option<usize>,
     /// The shadow root of the previous EXEC.
     last_root: Option<HostPhys>,
+    /// The linear page of the last code read through the guest's tables
+    /// and the locked frame of its RAM page: a hint only, checked against
+    /// the shadow leaf the guest just ran from (`code_from_shadow`), and
+    /// dropped when that frame is unlocked.
+    code_page: Option<(u64, RamPage, Frame)>,
     logged_setup_failure: bool,
 }
 
@@ -490,6 +511,7 @@ impl<H: Host> Monitor<H> {
             cpu_paging: cpu_paging(),
             switcher_cpu: None,
             last_root: None,
+            code_page: None,
             logged_setup_failure: false,
         })
     }
@@ -501,6 +523,7 @@ impl<H: Host> Monitor<H> {
             host: &self.host,
             map,
             ram,
+            locked: Some(&mut self.locked),
         };
         for page in listed_pages(&list, count, ram.pages()) {
             self.shadow.page_modified(page, &mut mem, &mut self.tables);
@@ -548,11 +571,6 @@ impl<H: Host> Monitor<H> {
             len: self.dirty_pages.len(),
             ram,
         };
-        let mut mem = RamMem {
-            host: &host,
-            map,
-            ram,
-        };
 
         // 1. The client's lists (client -> module), then nothing for it.
         let flush_all = matches!(
@@ -582,6 +600,12 @@ impl<H: Host> Monitor<H> {
             }
         }
         let modified_in = state.nb_modified_ram_pages.min(512) as usize;
+        let mut mem = RamMem {
+            host: &host,
+            map,
+            ram,
+            locked: Some(&mut self.locked),
+        };
         for page in listed_pages(&modified, modified_in, ram.pages()) {
             self.shadow.page_modified(page, &mut mem, &mut self.tables);
         }
@@ -609,6 +633,12 @@ impl<H: Host> Monitor<H> {
         // everything or the address space changes (shadow.rs "Why the
         // cached roots stay exact"); otherwise the kept tables are exact.
         if flush_all || self.last_root != Some(selected.root) {
+            let mut mem = RamMem {
+                host: &host,
+                map,
+                ram,
+                locked: Some(&mut self.locked),
+            };
             let rewatch = self.shadow.revalidate_current(
                 |p| DirtyTracker::written_since_watch(p, &dirty),
                 &mut mem,
@@ -671,7 +701,7 @@ impl<H: Host> Monitor<H> {
                     }
                 }
             }
-            let code = read_code(&entry, &area, &mut mem, map);
+            let code = self.code_at(&entry, &area, map, ram);
             let outcome = classify(
                 exit.vector,
                 exit.error_code,
@@ -778,19 +808,25 @@ impl<H: Host> Monitor<H> {
                 pending_mc: false,
             });
         }
-        let host_cr4 = switch::read_cr4();
+        // Interrupts off before the host's registers are read: a handler
+        // may change CR0.TS (lazy FPU switching).
+        let flags = switch::interrupts_disable();
+        let (host_cr0, host_cr4, host_efer) = switch::host_control_registers();
         let setup = RunSetup {
             shadow_cr3: root.map_or(0, |r| r.as_u64()),
-            cr0: guest_cr0(read_cr0_host(), entry.cr0),
+            cr0: guest_cr0(host_cr0, entry.cr0),
             cr4: guest_cr4(host_cr4, entry.cr4),
-            efer: switch::read_efer() & !Efer::SCE.bits(),
+            efer: host_efer & !Efer::SCE.bits(),
+            host_cr0,
+            host_cr4,
+            host_efer,
         };
         *sw.area() = *area;
-        let flags = switch::interrupts_disable();
         // SAFETY: the shadow root maps the switcher at its reserved slot
         // and guest user pages only; the state was validated and its
         // descriptors written; CR0/CR4/EFER differ from the host's only in
-        // bits the guest may own.
+        // bits the guest may own, and the host's were read with interrupts
+        // off just above.
         let exit = unsafe { sw.run(&setup) };
         if host_cr4 & Cr4::PCIDE.bits() != 0 {
             flush_all_pcids(host_cr4);
@@ -841,6 +877,7 @@ impl<H: Host> Monitor<H> {
             host: &host,
             map,
             ram,
+            locked: Some(&mut self.locked),
         };
         let access = if exit.error_code & (1 << 1) != 0 {
             Access::USER_WRITE
@@ -890,6 +927,9 @@ impl<H: Host> Monitor<H> {
         }
         for step in derivation.steps() {
             self.watch(step.page, tracker, dirty, update);
+            // Locked, the next walks read the guest's tables without a
+            // hold per access; when the cache refuses, they hold.
+            let _ = self.lock(step.page, ram);
         }
         let frame = match self.lock(page, ram) {
             Some(f) => f,
@@ -913,6 +953,66 @@ impl<H: Host> Monitor<H> {
         Ok(())
     }
 
+    /// Up to two bytes of guest code at CS:RIP (see [`read_code`]); from
+    /// the locked page the guest ran them from when the shadow maps it.
+    fn code_at(
+        &mut self,
+        entry: &NormalModeEntry,
+        a: &SwitchArea,
+        map: &PhysMap<H>,
+        ram: &RamParams,
+    ) -> ([u8; 2], usize) {
+        let linear = code_linear(entry, a.rip, 0);
+        if let Some(code) = self.code_from_shadow(linear) {
+            return code;
+        }
+        let mut mem = RamMem {
+            host: &self.host,
+            map,
+            ram,
+            locked: Some(&mut self.locked),
+        };
+        let (code, page) = read_code(entry, a, &mut mem, map);
+        self.code_page = page.and_then(|p| Some((linear & !0xfff, p, self.locked.lookup(p)?)));
+        code
+    }
+
+    /// The two bytes at `linear` without a guest walk: when the current
+    /// shadow has a user, executable leaf for the page and it maps the
+    /// locked frame of the RAM page a previous walk found there, those
+    /// are the bytes the CPU fetched (the shadow derives its leaves from
+    /// the guest's walk and drops them when the guest's tables change,
+    /// shadow.rs). `None`: walk the guest's tables.
+    fn code_from_shadow(&mut self, linear: u64) -> Option<([u8; 2], usize)> {
+        let (cached, _, frame) = self.code_page?;
+        // Both bytes on one page (the second may be on the next).
+        if cached != linear & !0xfff || linear & 0xfff == 0xfff {
+            return None;
+        }
+        let leaf = ShadowFlags::from_bits_retain(self.shadow.lookup(GuestVirt::new(linear))?);
+        if !leaf.contains(ShadowFlags::PRESENT | ShadowFlags::USER)
+            || leaf.contains(ShadowFlags::NO_EXECUTE)
+        {
+            return None;
+        }
+        // The leaf maps only a locked frame, and unlocking this one drops
+        // the hint: the frame is still held at `kernel`.
+        if leaf.bits() & PTE_FRAME != frame.phys || frame.kernel == 0 {
+            return None;
+        }
+        let at = (frame.kernel as *const u8).wrapping_add((linear & 0xfff) as usize);
+        // SAFETY: the locked page is held while it is in the cache and
+        // both offsets are inside it; volatile because the client's
+        // threads may write guest RAM.
+        let code = unsafe {
+            [
+                core::ptr::read_volatile(at),
+                core::ptr::read_volatile(at.add(1)),
+            ]
+        };
+        Some((code, 2))
+    }
+
     /// The locked frame of guest RAM page `page`, locking it now if needed.
     fn lock(&mut self, page: RamPage, ram: &RamParams) -> Option<Frame> {
         if let Some(frame) = self.locked.lookup(page) {
@@ -927,9 +1027,16 @@ impl<H: Host> Monitor<H> {
             shadow,
             locked,
             host,
+            code_page,
             ..
         } = self;
-        match locked.insert(page, frame, |old| unlock(shadow, host, old)) {
+        let evict = |old: Unlocked<Frame>| {
+            if code_page.is_some_and(|(_, p, _)| p == old.page) {
+                *code_page = None;
+            }
+            unlock(shadow, host, old);
+        };
+        match locked.insert(page, frame, evict) {
             Ok(()) => Some(frame),
             Err(f) => {
                 // SAFETY: held just above, never mapped.
@@ -1003,13 +1110,6 @@ mod heapless_list {
             &self.items[..self.len]
         }
     }
-}
-
-fn read_cr0_host() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR0 at CPL 0 has no side effect.
-    unsafe { core::arch::asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
-    v
 }
 
 /// CR0 while the guest runs: the host's, with the guest's AM (alignment
@@ -1129,26 +1229,35 @@ fn next_ip(entry: &NormalModeEntry, rip: u64, len: u64) -> u64 {
     }
 }
 
+/// Linear address of byte `i` of the instruction at CS:`rip`.
+fn code_linear(entry: &NormalModeEntry, rip: u64, i: u64) -> u64 {
+    let cs_base = entry.segments[seg::CS]
+        .descriptor
+        .map_or(0, |d| u64::from(d.base()));
+    let linear = cs_base.wrapping_add(rip).wrapping_add(i);
+    if entry.mode == CpuMode::Legacy || entry.code_size != CodeSize::Bits64 {
+        linear & 0xffff_ffff
+    } else {
+        linear
+    }
+}
+
 /// Up to two bytes of guest code at CS:RIP, read through the guest's
-/// tables (a byte that cannot be read ends the slice).
+/// tables (a byte that cannot be read ends the slice), and the RAM page
+/// of the first byte.
 fn read_code<H: Host>(
     entry: &NormalModeEntry,
     a: &SwitchArea,
     mem: &mut RamMem<'_, H>,
     map: &PhysMap<H>,
-) -> ([u8; 2], usize) {
+) -> (([u8; 2], usize), Option<RamPage>) {
     let mut out = [0u8; 2];
-    let cs_base = entry.segments[seg::CS]
-        .descriptor
-        .map_or(0, |d| u64::from(d.base()));
+    let mut first_page = None;
     // One walk per page: the second byte is almost always on the first
     // one's page.
     let mut page: Option<(u64, GuestPhys)> = None;
     for (i, byte) in out.iter_mut().enumerate() {
-        let mut linear = cs_base.wrapping_add(a.rip).wrapping_add(i as u64);
-        if entry.mode == CpuMode::Legacy || entry.code_size != CodeSize::Bits64 {
-            linear &= 0xffff_ffff;
-        }
+        let linear = code_linear(entry, a.rip, i as u64);
         let frame = match page {
             Some((l, f)) if l == linear & !0xfff => f,
             _ => {
@@ -1158,13 +1267,13 @@ fn read_code<H: Host>(
                     GuestVirt::new(linear),
                     Access::USER_FETCH,
                 ) else {
-                    return (out, i);
+                    return ((out, i), first_page);
                 };
-                if !matches!(
-                    map.backing(t.frame()),
-                    PageBacking::Ram(_) | PageBacking::Rom(_)
-                ) {
-                    return (out, i);
+                let (PageBacking::Ram(p) | PageBacking::Rom(p)) = map.backing(t.frame()) else {
+                    return ((out, i), first_page);
+                };
+                if i == 0 {
+                    first_page = Some(p);
                 }
                 page = Some((linear & !0xfff, t.frame()));
                 t.frame()
@@ -1172,11 +1281,11 @@ fn read_code<H: Host>(
         };
         let phys = frame.as_u64() | (linear & 0xfff);
         let Ok(word) = mem.read_u64(GuestPhys::new(phys & !7)) else {
-            return (out, i);
+            return ((out, i), first_page);
         };
         *byte = (word >> ((phys & 7) * 8)) as u8;
     }
-    (out, 2)
+    ((out, 2), first_page)
 }
 
 #[cfg(test)]
@@ -1194,6 +1303,8 @@ mod tests {
     #[derive(Clone, Default)]
     struct MemHost {
         pages: Arc<Mutex<BTreeMap<u64, Box<[u64; 512]>>>>,
+        /// Calls of hold_user_page.
+        holds: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl MemHost {
@@ -1237,6 +1348,7 @@ mod tests {
             Ok(())
         }
         fn hold_user_page(&self, user_addr: u64) -> Result<HeldUserPage> {
+            self.holds.fetch_add(1, Ordering::Relaxed);
             Ok(HeldUserPage {
                 user_addr,
                 phys: FAKE_PHYS + user_addr,
@@ -1426,6 +1538,55 @@ mod tests {
     }
 
     #[test]
+    fn walks_read_locked_table_pages_without_holding_them() {
+        let mut g = guest();
+        g.host
+            .write_u64(RAM_BASE + 0x4000 + 0x1f0 * 8, 0x11000 | 0x7);
+        let mut tracker = DirtyTracker::new();
+        assert_eq!(g.fault(LINEAR, 0x14, &mut tracker), 0);
+        let before = g.host.holds.load(Ordering::Relaxed);
+        assert_eq!(g.fault(LINEAR + 0x1f_0000, 0x4, &mut tracker), 0);
+        // The four table pages were locked by the first fault: the second
+        // holds only its new data page.
+        assert_eq!(g.host.holds.load(Ordering::Relaxed) - before, 1);
+        assert!(g.leaf(LINEAR + 0x1f_0000).is_some());
+    }
+
+    #[test]
+    fn instruction_bytes_come_from_the_page_the_shadow_maps() {
+        let mut g = guest();
+        g.host.write_u8(RAM_BASE + DATA_PHYS + 0x10, 0xcd);
+        g.host.write_u8(RAM_BASE + DATA_PHYS + 0x11, 0x80);
+        g.host.write_u8(RAM_BASE + 0x11010, 0x0f);
+        g.host.write_u8(RAM_BASE + 0x11011, 0x05);
+        let mut tracker = DirtyTracker::new();
+        assert_eq!(g.fault(LINEAR + 0x10, 0x14, &mut tracker), 0);
+        let at = SwitchArea {
+            rip: LINEAR + 0x10,
+            ..SwitchArea::default()
+        };
+        let (map, ram) = (&g.map, &g.ram);
+        assert_eq!(
+            g.monitor.code_at(&g.entry, &at, map, ram),
+            ([0xcd, 0x80], 2)
+        );
+        assert!(g.monitor.code_page.is_some(), "the walk left its hint");
+        // The guest's entry now names another page, which the client has
+        // not reported yet: the CPU still runs the page the shadow maps.
+        g.host.write_u64(RAM_BASE + 0x4000, 0x11000 | 0x67);
+        assert_eq!(
+            g.monitor.code_at(&g.entry, &at, map, ram),
+            ([0xcd, 0x80], 2)
+        );
+        // Once the leaf is gone, the bytes come from the guest's walk.
+        g.monitor.shadow.invalidate_page(GuestVirt::new(LINEAR));
+        assert_eq!(
+            g.monitor.code_at(&g.entry, &at, map, ram),
+            ([0x0f, 0x05], 2)
+        );
+    }
+
+    #[test]
     fn instruction_bytes_come_through_the_guest_walk() {
         let g = guest();
         g.host.write_u8(RAM_BASE + DATA_PHYS + 0x10, 0x0f);
@@ -1435,21 +1596,25 @@ mod tests {
             host: &g.host,
             map: &g.map,
             ram: &g.ram,
+            locked: None,
         };
         let at = |rip: u64| SwitchArea {
             rip,
             ..SwitchArea::default()
         };
         assert_eq!(
-            read_code(&g.entry, &at(LINEAR + 0x10), &mut mem, &g.map),
+            read_code(&g.entry, &at(LINEAR + 0x10), &mut mem, &g.map).0,
             ([0x0f, 0x05], 2)
         );
         // The next page is not mapped: one byte.
         assert_eq!(
-            read_code(&g.entry, &at(LINEAR + 0xfff), &mut mem, &g.map),
+            read_code(&g.entry, &at(LINEAR + 0xfff), &mut mem, &g.map).0,
             ([0xcd, 0], 1)
         );
-        assert_eq!(read_code(&g.entry, &at(0x60_0000), &mut mem, &g.map).1, 0);
+        assert_eq!(
+            read_code(&g.entry, &at(0x60_0000), &mut mem, &g.map).0 .1,
+            0
+        );
     }
 
     #[test]

@@ -65,10 +65,8 @@ kqemu_switch_run:
     rdmsr
     movl %eax, {A_HOST_FS_BASE}(%rbx)
     movl %edx, {A_HOST_FS_BASE}+4(%rbx)
-    movl ${MSR_GS_BASE}, %ecx
-    rdmsr
-    movl %eax, {A_HOST_GS_BASE}(%rbx)
-    movl %edx, {A_HOST_GS_BASE}+4(%rbx)
+    /* The host's GS base is in the area already (switch.rs reads it for
+     * the IST stacks). */
 
     /* SYSENTER_CS = 0 while the guest runs: SYSENTER then raises #GP
      * instead of entering the host at ring 0 (SDM Vol. 2B SYSENTER). */

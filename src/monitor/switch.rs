@@ -169,6 +169,9 @@ struct CpuState {
     host_cs_index: u16,
     /// The PML4 entry that maps this CPU's switcher pages.
     pml4_entry: u64,
+    /// The host GS base the stack tops hold (the CPU never writes that
+    /// word: its pushes start below the IST pointer).
+    stack_gs: u64,
 }
 
 /// One CPU's switcher pages. The GDT, IDT, area page and stacks are
@@ -536,6 +539,8 @@ fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Resul
     let mut tops = [0u64; STACKS];
     for (i, stack) in b.stacks.iter_mut().enumerate() {
         stack[ENTRIES - 1] = area_addr;
+        // Matches `CpuState::stack_gs` below until the first run.
+        stack[ENTRIES - 2] = 0;
         tops[i] = core::ptr::addr_of_mut!(stack[ENTRIES - 2]) as u64;
     }
     // TSS: RSP0 and IST1-7 (IST 5-7 on the #DF stack: the host's own
@@ -566,6 +571,7 @@ fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Resul
         written_len: 0,
         host_cs_index: cs_index,
         pml4_entry: 0,
+        stack_gs: 0,
     };
 
     // The shadow mapping: text, then the block's mapped pages.
@@ -616,6 +622,17 @@ pub struct RunSetup {
     pub cr0: u64,
     pub cr4: u64,
     pub efer: u64,
+    /// The host's CR0, CR4 and EFER as the caller read them on this CPU
+    /// (with interrupts disabled since): restored after the run, so they
+    /// are read once per run.
+    pub host_cr0: u64,
+    pub host_cr4: u64,
+    pub host_efer: u64,
+}
+
+/// The host's CR0, CR4 and EFER, for [`RunSetup`].
+pub fn host_control_registers() -> (u64, u64, u64) {
+    (read_cr0(), read_cr4(), read_efer())
 }
 
 /// How a run ended.
@@ -687,7 +704,9 @@ impl CpuSwitcher {
     /// [`Self::pml4_entry`] and that maps nothing else of the host; the
     /// area holds a validated guest state whose selectors have
     /// descriptors ([`Self::set_guest_descriptors`]); CR0/CR4/EFER are the
-    /// host's with only the bits the guest may differ in changed.
+    /// host's with only the bits the guest may differ in changed, and
+    /// `setup.host_*` are the values this CPU holds now (the exit path
+    /// restores them).
     pub unsafe fn run(&mut self, setup: &RunSetup) -> Exit {
         let b = self.block();
         let tss_base = core::ptr::addr_of!(b.area.tss) as u64;
@@ -698,12 +717,14 @@ impl CpuSwitcher {
         let gdt_base = b.gdt.as_ptr() as u64;
         let idt_base = b.idt.as_ptr() as u64;
         // The host's per-CPU pointer at the top of every stack (switch.S).
+        // Written only when it changed: four stack pages less per run.
         let host_gs = read_gs_base();
-        for stack in b.stacks.iter_mut() {
-            stack[ENTRIES - 2] = host_gs;
+        if b.state.stack_gs != host_gs {
+            for stack in b.stacks.iter_mut() {
+                stack[ENTRIES - 2] = host_gs;
+            }
+            b.state.stack_gs = host_gs;
         }
-        let cr0 = read_cr0();
-        let cr4 = read_cr4();
         let a = &mut b.area.area;
         a.mon_gdtr = PseudoDescriptor {
             pad: [0; 3],
@@ -720,9 +741,11 @@ impl CpuSwitcher {
         a.guest_cr0 = setup.cr0;
         a.guest_cr4 = setup.cr4;
         a.guest_efer = setup.efer;
-        a.host_cr0 = cr0;
-        a.host_cr4 = cr4;
-        a.host_efer = read_efer();
+        a.host_cr0 = setup.host_cr0;
+        a.host_cr4 = setup.host_cr4;
+        a.host_efer = setup.host_efer;
+        // Read once here for the stacks; switch.S restores it from the area.
+        a.host_gs_base = host_gs;
         for slot in [
             &mut a.host_ldtr,
             &mut a.host_tr,

@@ -1,8 +1,9 @@
 //! kqemu-run: the FreeBSD client of `/dev/kqemu` (issue 7).
 //!
 //! The library holds what the program does, against a [`System`] (the
-//! FreeBSD system calls it needs): for now the error-path checks of the
-//! device contract (notes/contract.md, ABI.md), one result line each.
+//! FreeBSD system calls it needs): the error-path checks of the device
+//! contract (notes/contract.md, ABI.md), one result line each, and
+//! (`--guest`) a static Linux program run through KQEMU_EXEC (guest.rs).
 //! `src/main.rs` is the static FreeBSD/amd64 program that runs them with
 //! raw system calls; the unit tests run them against a model.
 #![no_std]
@@ -12,9 +13,11 @@
 extern crate std;
 
 mod checks;
+mod guest;
 mod line;
 
 pub use checks::{run_checks, Options};
+pub use guest::{run_guest, FxArea, GuestSystem};
 pub use line::Line;
 
 /// FreeBSD errno values (sys/sys/errno.h) the checks expect.

@@ -9,7 +9,8 @@
 //! activator (sys/kern/imgact_elf.c) accepts the binary.
 //!
 //! Usage: `kqemu-run [--kldunload] [--exit-open] [--bench N]`. Exit status 0 when every check
-//! passed, 1 otherwise.
+//! passed, 1 otherwise. `kqemu-run --guest PATH`: runs the static Linux/amd64
+//! program PATH through KQEMU_EXEC instead (guest.rs); its exit status.
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -17,7 +18,8 @@
 use core::arch::{asm, global_asm};
 use core::ffi::{c_char, CStr};
 
-use kqemu_run::{run_checks, Options, System};
+use kqemu::abi::{KqemuCpuState, KQEMU_EXEC};
+use kqemu_run::{run_checks, run_guest, FxArea, GuestSystem, Options, System, O_RDONLY};
 
 /// __FreeBSD_version of the oldest release the binary is for (14.0).
 macro_rules! freebsd_abi_version {
@@ -47,6 +49,7 @@ global_asm!(
 
 /// System call numbers (sys/sys/syscall.h).
 const SYS_EXIT: u64 = 1;
+const SYS_READ: u64 = 3;
 const SYS_WRITE: u64 = 4;
 const SYS_OPEN: u64 = 5;
 const SYS_CLOSE: u64 = 6;
@@ -157,15 +160,100 @@ impl System for FreeBsd {
     }
 }
 
+impl GuestSystem for FreeBsd {
+    fn read_file(&mut self, path: &CStr, buf: &mut [u8]) -> Result<usize, i32> {
+        let fd = self.open(path, O_RDONLY)?;
+        let mut len = 0;
+        let result = loop {
+            let rest = &mut buf[len..];
+            if rest.is_empty() {
+                break Ok(len);
+            }
+            match syscall(
+                SYS_READ,
+                [
+                    fd as u64,
+                    rest.as_mut_ptr() as u64,
+                    rest.len() as u64,
+                    0,
+                    0,
+                    0,
+                ],
+            ) {
+                Ok(0) => break Ok(len),
+                Ok(n) => len += n as usize,
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = self.close(fd);
+        result
+    }
+
+    fn write_fd(&mut self, fd: i32, bytes: &[u8]) {
+        let _ = syscall(
+            SYS_WRITE,
+            [
+                fd as u64,
+                bytes.as_ptr() as u64,
+                bytes.len() as u64,
+                0,
+                0,
+                0,
+            ],
+        );
+    }
+
+    fn exec(&mut self, fd: i32, state: &mut KqemuCpuState, fpu: &mut FxArea) -> Result<i32, i32> {
+        let rax: u64;
+        let carry: u64;
+        // SAFETY: as in `syscall`, for ioctl(fd, KQEMU_EXEC, state); the
+        // guest's FPU state is loaded right before it and saved right
+        // after it, as QEMU 0.11 does around KQEMU_EXEC (the module runs
+        // the guest on the live FPU registers). The FXSAVE area is
+        // 16-aligned (FxArea) and in R12, the carry goes to R13 (both kept
+        // by SYSCALL and the kernel); every x87/MMX/SSE register is
+        // declared clobbered (clobber_abi).
+        unsafe {
+            asm!(
+                "xor r13d, r13d",
+                "fxrstor64 [r12]",
+                "syscall",
+                "setc r13b",
+                "fxsave64 [r12]",
+                out("r13") carry,
+                in("r12") fpu.0.as_mut_ptr(),
+                inlateout("rax") SYS_IOCTL => rax,
+                inlateout("rdi") fd as u64 => _,
+                inlateout("rsi") u64::from(KQEMU_EXEC) => _,
+                inlateout("rdx") state as *mut KqemuCpuState as u64 => _,
+                clobber_abi("C"),
+                options(nostack)
+            );
+        }
+        if carry != 0 {
+            Err(rax as i32)
+        } else {
+            Ok(rax as i32)
+        }
+    }
+}
+
 /// The process entry: `sp` points at argc, then argv[], NULL, envp[].
 extern "C" fn start(sp: *const u64) -> ! {
     // SAFETY: the kernel's initial stack layout (see _start).
     let argc = unsafe { *sp } as usize;
     let mut options = Options::default();
     let mut bench_next = false;
+    let mut guest_next = false;
+    let mut guest = None;
     for i in 1..argc {
         // SAFETY: argv[1..argc] are NUL-terminated strings on the stack.
         let arg = unsafe { CStr::from_ptr(*sp.add(1 + i) as *const c_char) };
+        if guest_next {
+            guest_next = false;
+            guest = Some(arg);
+            continue;
+        }
         if bench_next {
             bench_next = false;
             options.bench = parse_count(arg.to_bytes()).unwrap_or_else(|| usage());
@@ -175,18 +263,22 @@ extern "C" fn start(sp: *const u64) -> ! {
             b"--kldunload" => options.kldunload = true,
             b"--exit-open" => options.exit_open = true,
             b"--bench" => bench_next = true,
+            b"--guest" => guest_next = true,
             _ => usage(),
         }
     }
-    if bench_next {
+    if bench_next || guest_next {
         usage();
+    }
+    if let Some(path) = guest {
+        exit(run_guest(&mut FreeBsd, path) as u64);
     }
     let (_, failed) = run_checks(&mut FreeBsd, options);
     exit(if failed == 0 { 0 } else { EXIT_FAILED })
 }
 
 fn usage() -> ! {
-    FreeBsd.print(b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N]\n");
+    FreeBsd.print(b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N] | --guest PATH\n");
     exit(2)
 }
 

@@ -90,6 +90,7 @@ pub fn host_interrupt(vector: u64) {
         unsafe { core::ptr::write_volatile((lapic + LAPIC_EOI) as *mut u32, 0) };
     }
     TICK.store(true, Ordering::Relaxed);
+    crate::freebsd::timer_tick();
 }
 
 /// This kernel as the monitor's host.
@@ -169,16 +170,19 @@ fn client_addr(block: &[u8]) -> u64 {
     kernel_virt_to_phys(block.as_ptr() as u64).unwrap_or(0)
 }
 
+/// The ioctl on `arg`'s own bytes (the module decodes and encodes the
+/// argument itself, as from the kernel's copy), with no buffer to clear and
+/// copy on every EXEC.
 fn ioctl<T: Pod>(file: &OpenFile<TestbedHost>, cmd: u32, arg: &mut T) -> KResult<()> {
-    let mut bytes = [0u8; 1024];
-    let len = ioc_len(cmd);
-    let buf = &mut bytes[..len];
-    arg.write_to(buf).ok_or(Error::InvalidArgument)?;
-    let r = file.ioctl(u64::from(cmd), buf);
-    if let Some(v) = T::read_from(buf) {
-        *arg = v;
+    if ioc_len(cmd) != core::mem::size_of::<T>() {
+        return Err(Error::InvalidArgument);
     }
-    r
+    // SAFETY: a Pod has no padding bytes and accepts every bit pattern
+    // (abi.rs); the slice covers exactly `arg`, borrowed mutably here.
+    let buf = unsafe {
+        core::slice::from_raw_parts_mut((arg as *mut T).cast::<u8>(), core::mem::size_of::<T>())
+    };
+    file.ioctl(u64::from(cmd), buf)
 }
 
 fn cache(selector: u16, flags: u32, base: u64) -> KqemuSegmentCache {

@@ -307,6 +307,7 @@ pub fn ioctl(id: u32, cmd: u64, data: *mut u8) -> c_int {
         Err(e) => return e,
     };
     kpi::enter_kernel();
+    super::cpu::before_ioctl();
     // SAFETY: d_ioctl_t of the driver, called as devfs does, with the
     // kernel's buffer of IOCPARM_LEN(cmd) bytes.
     let error = unsafe {
@@ -314,6 +315,7 @@ pub fn ioctl(id: u32, cmd: u64, data: *mut u8) -> c_int {
             core::mem::transmute(d_ioctl as usize);
         f(cdev, cmd, data, fflags, td)
     };
+    super::cpu::after_ioctl();
     kpi::with(|k| k.current_file = None);
     error
 }

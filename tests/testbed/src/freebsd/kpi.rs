@@ -259,6 +259,7 @@ pub fn boot(release: u32, kenv: Vec<(String, String)>) -> Option<()> {
             );
         }
     }
+    super::cpu::boot(layout, pcpu.addr, thread.addr);
     STACK_CHK_GUARD.store(crate::x86::rdtsc().rotate_left(29) | 1, Ordering::Relaxed);
     *KERNEL.0.lock() = Some(Kernel {
         layout,
@@ -334,6 +335,10 @@ pub fn resolve(name: &str) -> Option<u64> {
         "destroy_dev" => super::devfs::destroy_dev as *const () as usize,
         "devfs_set_cdevpriv" => super::devfs::devfs_set_cdevpriv as *const () as usize,
         "devfs_get_cdevpriv" => super::devfs::devfs_get_cdevpriv as *const () as usize,
+        "critical_enter_KBI" => super::cpu::critical_enter_kbi as *const () as usize,
+        "critical_exit_KBI" => super::cpu::critical_exit_kbi as *const () as usize,
+        "fpudna" => super::cpu::fpudna as *const () as usize,
+        "pmap_kextract" => super::cpu::pmap_kextract as *const () as usize,
         "printf" => printf::fbsd_printf as *const () as usize,
         "panic" => printf::fbsd_panic as *const () as usize,
         "make_dev_s" => printf::fbsd_make_dev_s as *const () as usize,

@@ -12,6 +12,7 @@
 //! `/boot/loader.conf` (tunables). The personality's own checks go to
 //! stderr as `kld: PASS|FAIL <name>: <detail>` lines.
 
+mod cpu;
 mod devfs;
 mod kpi;
 mod layout;
@@ -34,12 +35,14 @@ use core::fmt;
 use kqemu_client::{GuestRam, MemFs};
 use kqemu_kldload::{Kld, Loader, Memory};
 
-/// Where the module's image lives: one 2 MiB page at KERNBASE + 512 MiB,
+/// Where the module's image lives: 8 MiB (four 2 MiB pages; the switcher's
+/// per-CPU blocks make the module's .bss about 4 MiB) at KERNBASE + 512 MiB,
 /// inside the kernel's top 2 GiB as `-mcmodel=kernel` code needs (its
 /// R_X86_64_32S and PC32 relocations reach the kernel's own symbols).
 const MODULE_AREA: u64 = 0xffff_ffff_a000_0000;
-const MODULE_AREA_SIZE: u64 = 2 << 20;
-/// Page-table indices of MODULE_AREA: PML4 511, PDPT 510, PD 256.
+const MODULE_AREA_SIZE: u64 = 8 << 20;
+const LARGE_PAGE: u64 = 2 << 20;
+/// Page-table indices of MODULE_AREA: PML4 511, PDPT 510, PD 256 (to 259).
 const MODULE_PML4: u64 = 511;
 const MODULE_PDPT: u64 = 510;
 const MODULE_PD: u64 = 256;
@@ -127,7 +130,7 @@ impl Memory for ModuleArea {
     }
 }
 
-/// Maps MODULE_AREA to the 2 MiB at `phys` in the kernel's page tables.
+/// Maps MODULE_AREA to the 8 MiB at `phys` in the kernel's page tables.
 fn map_module_area(phys: u64) {
     let mut table = crate::x86::read_cr3() & PTE_FRAME;
     for index in [MODULE_PML4, MODULE_PDPT] {
@@ -135,11 +138,17 @@ fn map_module_area(phys: u64) {
         // build_kernel_space made both levels for KERNBASE.
         table = unsafe { kpi::peek::<u64>(phys_to_virt(table) + index * 8) } & PTE_FRAME;
     }
-    // SAFETY: PD entry 256 of the KERNBASE gigabyte is unused (the kernel
-    // image ends far below 512 MiB); the frames belong to the area.
-    unsafe {
-        kpi::poke(phys_to_virt(table) + MODULE_PD * 8, phys | PDE_MODULE);
-        core::arch::asm!("invlpg [{}]", in(reg) MODULE_AREA, options(nostack, preserves_flags));
+    for i in 0..MODULE_AREA_SIZE / LARGE_PAGE {
+        let virt = MODULE_AREA + i * LARGE_PAGE;
+        // SAFETY: PD entries 256.. of the KERNBASE gigabyte are unused (the
+        // kernel image ends far below 512 MiB); the frames belong to the area.
+        unsafe {
+            kpi::poke(
+                phys_to_virt(table) + (MODULE_PD + i) * 8,
+                (phys + i * LARGE_PAGE) | PDE_MODULE,
+            );
+            core::arch::asm!("invlpg [{}]", in(reg) virt, options(nostack, preserves_flags));
+        }
     }
 }
 
@@ -301,10 +310,10 @@ impl KldRun<'_> {
             .and_then(|v| u32::try_from(v).ok())
             .unwrap_or(DEFAULT_GID);
 
-        // The module area: the first 2 MiB-aligned 2 MiB of guest RAM;
+        // The module area: the first 2 MiB-aligned 8 MiB of guest RAM;
         // the client's RAM is what follows it.
         let (ram_phys, ram_size) = self.ram;
-        let area = ram_phys.next_multiple_of(MODULE_AREA_SIZE);
+        let area = ram_phys.next_multiple_of(LARGE_PAGE);
         let rest = area + MODULE_AREA_SIZE;
         if rest > ram_phys + ram_size as u64 {
             return Err(KldError::Ram);
@@ -482,6 +491,12 @@ fn after_load_checks(checks: &mut Checks, mode: u32, gid: u32) {
     }
 }
 
+/// A timer interrupt the module handed back while guest code ran
+/// (monitor::host_interrupt): the scheduler's view of it.
+pub fn timer_tick() {
+    cpu::tick();
+}
+
 /// The books after unload: nothing may be left.
 fn books_checks(checks: &mut Checks) {
     let (b, files, dmesg_leak) = kpi::with(|k| {
@@ -517,6 +532,19 @@ fn books_checks(checks: &mut Checks) {
         made > 0 && made == destroyed,
         "leaks-cdevs",
         format_args!("{made} made, {destroyed} destroyed"),
+    );
+    let c = cpu::summary();
+    checks.check(
+        c.cpuid == 0 && c.critnest == 0 && c.owepreempt == 0 && c.entered == c.left,
+        "critical-sections",
+        format_args!(
+            "PCPU cpuid {}, td_critnest {}, td_owepreempt {}; {} entered, {} left; {} ticks in the module, \
+             {} preemptions deferred, {} ASTs at return to user; fpudna {} calls",
+            c.cpuid,
+            c.critnest,
+            c.owepreempt,
+            c.entered, c.left, c.ticks, c.deferred, c.asts, c.fpudna
+        ),
     );
     checks.check(
         locks == 0 && files == 0 && sysctls == 0,

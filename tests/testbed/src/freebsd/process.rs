@@ -68,6 +68,9 @@ enum Fd {
     Stdout,
     Stderr,
     Device(u32),
+    /// A regular file of the guest archive, read-only: its bytes and the
+    /// file offset.
+    File(Vec<u8>, usize),
 }
 
 pub struct Process<'r, 'c> {
@@ -192,7 +195,7 @@ impl<'r, 'c> Process<'r, 'c> {
             let flush = core::mem::take(&mut self.flush);
             let trap = cpu.run(1, Arch::Amd64, cr3, flush, &mut ctx, self.run.clock);
             match trap {
-                Trap::Syscall => self.syscall(&mut ctx, loaded, checks),
+                Trap::Syscall => self.syscall(&mut ctx, fs, loaded, checks),
                 Trap::Timer => {}
                 Trap::Int80 => status = 128 + SIGSEGV,
                 Trap::Exception {
@@ -238,7 +241,13 @@ impl<'r, 'c> Process<'r, 'c> {
         }
     }
 
-    fn syscall(&mut self, ctx: &mut UserContext, loaded: &mut Option<Loaded>, checks: &mut Checks) {
+    fn syscall(
+        &mut self,
+        ctx: &mut UserContext,
+        fs: &MemFs,
+        loaded: &mut Option<Loaded>,
+        checks: &mut Checks,
+    ) {
         kpi::enter_kernel();
         let r = ctx.regs;
         let args = [r[RDI], r[RSI], r[RDX], r[R10], r[R8], r[R9]];
@@ -250,7 +259,7 @@ impl<'r, 'c> Process<'r, 'c> {
             }
             SYS_READ => self.read(args),
             SYS_WRITE => self.write(args),
-            SYS_OPEN => self.open(args),
+            SYS_OPEN => self.open(args, fs),
             SYS_CLOSE => self.close(args),
             SYS_GETPID => Ok(1),
             SYS_IOCTL => self.ioctl(args),
@@ -275,6 +284,7 @@ impl<'r, 'c> Process<'r, 'c> {
                 ctx.rflags |= RFLAGS_CF;
             }
         }
+        super::cpu::return_to_user();
     }
 
     fn mm(&mut self) -> (&mut Mm, &mut GuestRam<'r>) {
@@ -299,7 +309,23 @@ impl<'r, 'c> Process<'r, 'c> {
             Fd::Stdout | Fd::Stderr => Err(kpi::with(|k| k.layout.EBADF as i32)),
             // No d_read in the module's cdevsw: no_read (prep_cdevsw).
             Fd::Device(_) => Err(kpi::with(|k| k.layout.ENODEV as i32)),
+            Fd::File(..) => self.read_file(a),
         }
+    }
+
+    /// read(2) of a regular file: up to IO_CHUNK bytes from the offset.
+    fn read_file(&mut self, a: [u64; 6]) -> SysResult {
+        let Some(Some(Fd::File(data, pos))) = self.fds.get(a[0] as usize) else {
+            return Err(kpi::with(|k| k.layout.EBADF as i32));
+        };
+        let n = (data.len() - *pos).min(a[2].min(IO_CHUNK) as usize);
+        let chunk = data[*pos..*pos + n].to_vec();
+        let (mm, ram) = self.mm();
+        mm.write(ram, a[1], &chunk).map_err(errno)?;
+        if let Some(Some(Fd::File(_, pos))) = self.fds.get_mut(a[0] as usize) {
+            *pos += n;
+        }
+        Ok(n as u64)
     }
 
     fn write(&mut self, a: [u64; 6]) -> SysResult {
@@ -308,6 +334,7 @@ impl<'r, 'c> Process<'r, 'c> {
             Fd::Stderr => true,
             Fd::Stdin => return Err(kpi::with(|k| k.layout.EBADF as i32)),
             Fd::Device(_) => return Err(kpi::with(|k| k.layout.ENODEV as i32)),
+            Fd::File(..) => return Err(kpi::with(|k| k.layout.EBADF as i32)),
         };
         let len = a[2].min(IO_CHUNK);
         let mut buf = vec![0u8; len as usize];
@@ -318,7 +345,7 @@ impl<'r, 'c> Process<'r, 'c> {
     }
 
     /// open(2) of a devfs node: FFLAGS(flags) reach d_open.
-    fn open(&mut self, a: [u64; 6]) -> SysResult {
+    fn open(&mut self, a: [u64; 6], fs: &MemFs) -> SysResult {
         let (enoent, accmode, emfile) = kpi::with(|k| {
             (
                 k.layout.ENOENT as i32,
@@ -331,11 +358,6 @@ impl<'r, 'c> Process<'r, 'c> {
             .read_cstr(ram, a[0], MAXPATHLEN, Errno(63))
             .map_err(errno)?;
         let path = String::from_utf8_lossy(&path).into_owned();
-        let Some(name) = path.strip_prefix("/dev/") else {
-            return Err(enoent);
-        };
-        // FFLAGS(): O_RDONLY 0 → FREAD 1, O_WRONLY 1 → FWRITE 2, O_RDWR 2 → both.
-        let fflags = ((a[1] & accmode) + 1) | (a[1] & !accmode);
         let slot = match self.fds.iter().position(Option::is_none) {
             Some(slot) => slot,
             None if self.fds.len() < 64 => {
@@ -344,6 +366,17 @@ impl<'r, 'c> Process<'r, 'c> {
             }
             None => return Err(emfile),
         };
+        let Some(name) = path.strip_prefix("/dev/") else {
+            // A regular file of the guest archive, for reading only.
+            if a[1] & accmode != 0 {
+                return Err(kpi::with(|k| k.layout.EPERM as i32));
+            }
+            let data = fs.read_file(&path).ok_or(enoent)?.to_vec();
+            self.fds[slot] = Some(Fd::File(data, 0));
+            return Ok(slot as u64);
+        };
+        // FFLAGS(): O_RDONLY 0 → FREAD 1, O_WRONLY 1 → FWRITE 2, O_RDWR 2 → both.
+        let fflags = ((a[1] & accmode) + 1) | (a[1] & !accmode);
         let id = devfs::open(name, fflags as i32)?;
         self.fds[slot] = Some(Fd::Device(id));
         Ok(slot as u64)
