@@ -488,20 +488,25 @@ impl<H: Host> Monitor<H> {
             };
             *slot = Frame::from_held(&held);
         }
-        let nodes = HostArray::zeroed(host, SHADOW_NODES);
-        let nodes = match nodes {
-            Ok(n) => n,
+        // Everything after the holds can fail too: the held dirty-byte
+        // pages are released on every such path, not only freed.
+        let caches = || -> Result<_> {
+            let nodes = HostArray::zeroed(host, SHADOW_NODES)?;
+            let shadow =
+                Shadow::new(nodes, switch::switcher_slot()).map_err(|_| Error::InvalidArgument)?;
+            let slots = HostArray::zeroed(host, LOCKED_SLOTS)?;
+            let buckets = HostArray::zeroed(host, LOCKED_BUCKETS)?;
+            let locked =
+                LockedPages::new(slots, buckets, LOCKED_CAP).map_err(|_| Error::InvalidArgument)?;
+            Ok((shadow, locked))
+        };
+        let (shadow, locked) = match caches() {
+            Ok(c) => c,
             Err(e) => {
                 release_frames(host, &mut dirty_pages);
                 return Err(e);
             }
         };
-        let shadow =
-            Shadow::new(nodes, switch::switcher_slot()).map_err(|_| Error::InvalidArgument)?;
-        let slots = HostArray::zeroed(host, LOCKED_SLOTS)?;
-        let buckets = HostArray::zeroed(host, LOCKED_BUCKETS)?;
-        let locked =
-            LockedPages::new(slots, buckets, LOCKED_CAP).map_err(|_| Error::InvalidArgument)?;
         Ok(Self {
             host: host.clone(),
             shadow,
@@ -812,6 +817,28 @@ impl<H: Host> Monitor<H> {
         // may change CR0.TS (lazy FPU switching).
         let flags = switch::interrupts_disable();
         let (host_cr0, host_cr4, host_efer) = switch::host_control_registers();
+        if host_cr4 & Cr4::LA57.bits() != 0 {
+            // The shadow tables are 4-level: loaded under CR4.LA57 they
+            // would be walked as 5-level ones. Such a host gets no native
+            // runs; the client emulates (SOFTMMU), and the log says why.
+            switch::interrupts_restore(flags);
+            self.host.cpu_leave();
+            if !self.logged_setup_failure {
+                self.logged_setup_failure = true;
+                self.host.log(format_args!(
+                    "EXEC: the host runs 5-level paging (CR4.LA57), which the monitor \
+                     does not support; the client emulates the guest"
+                ));
+            }
+            return Some(Exit {
+                vector: 0,
+                error_code: 0,
+                cr2: 0,
+                entry_failed: true,
+                pending_nmi: false,
+                pending_mc: false,
+            });
+        }
         let setup = RunSetup {
             shadow_cr3: root.map_or(0, |r| r.as_u64()),
             cr0: guest_cr0(host_cr0, entry.cr0),
@@ -1125,10 +1152,16 @@ pub fn guest_cr0(host: u64, guest: Cr0) -> u64 {
 pub fn guest_cr4(host: u64, guest: Cr4) -> u64 {
     let follow = Cr4::TSD.bits() | Cr4::PCE.bits();
     let mut cr4 = (host & !follow) | (guest.bits() & follow);
-    if !guest.contains(Cr4::FSGSBASE) {
-        cr4 &= !Cr4::FSGSBASE.bits();
-    }
-    cr4
+    // Bits the guest can only narrow: without them its SSE, XSAVE/AVX and
+    // RDFSBASE-family instructions raise #UD (and SIMD exceptions #UD
+    // instead of #XM) as on hardware (SDM Vol. 3A 2.5). The monitor never
+    // sets one the host lacks: MOV to CR4 would #GP at ring 0.
+    let narrow = Cr4::OSFXSR | Cr4::OSXMMEXCPT | Cr4::OSXSAVE | Cr4::FSGSBASE;
+    cr4 &= !(narrow.bits() & !guest.bits());
+    // Never for the guest: with CR4.PKE it could WRPKRU the client thread's
+    // protection keys (validation refuses guests that enable PKE, so the
+    // guest gets #UD as its own CR4 says).
+    cr4 & !Cr4::PKE.bits()
 }
 
 /// Drops the shadow's translations from every PCID (CR4.PCIDE hosts: the
@@ -1777,6 +1810,22 @@ mod tests {
         assert_eq!(g & Cr4::UMIP.bits(), Cr4::UMIP.bits(), "UMIP kept");
         assert_eq!(g & Cr4::FSGSBASE.bits(), 0, "guest without FSGSBASE");
         assert_eq!(g & Cr4::PGE.bits(), Cr4::PGE.bits());
+        assert_eq!(
+            g & Cr4::OSFXSR.bits(),
+            0,
+            "guest without OSFXSR: SSE raises #UD"
+        );
+        let host_pke = host_cr4 | (Cr4::PKE | Cr4::OSXSAVE).bits();
+        let g = guest_cr4(host_pke, Cr4::PAE | Cr4::OSFXSR | Cr4::OSXSAVE | Cr4::PKE);
+        assert_eq!(
+            g & Cr4::PKE.bits(),
+            0,
+            "protection keys never reach the guest"
+        );
+        assert_eq!(g & Cr4::OSXSAVE.bits(), Cr4::OSXSAVE.bits());
+        assert_eq!(g & Cr4::OSFXSR.bits(), Cr4::OSFXSR.bits());
+        let g = guest_cr4(host_cr4, Cr4::PAE | Cr4::OSXSAVE);
+        assert_eq!(g & Cr4::OSXSAVE.bits(), 0, "never a bit the host lacks");
     }
 
     #[test]
@@ -1796,5 +1845,32 @@ mod tests {
         );
         let null = cache_for(0, &before);
         assert_eq!((null.selector, null.flags), (0, 0));
+    }
+
+    #[test]
+    fn failed_setup_releases_the_dirty_byte_pages() {
+        // 8 MiB of RAM: two pages of dirty bytes are held before the
+        // shadow and the locked-page cache are allocated; whichever of
+        // those allocations fails, no hold and no block may stay behind.
+        let ram = RamParams {
+            ram_base: 0x1000_0000,
+            ram_size: 8 << 20,
+            ram_dirty: 0x2000_0000,
+        };
+        for budget in 0..5 {
+            let host = crate::host::mock::MockHost::default();
+            host.map(ram.ram_dirty, 2 * PAGE_SIZE, true);
+            host.state().allocs_before_failure = Some(budget);
+            match Monitor::new(&host, &ram) {
+                Ok(monitor) => drop(monitor),
+                Err(e) => assert_eq!(e, Error::NoMemory, "budget {budget}"),
+            }
+            let st = host.state();
+            assert!(
+                st.held_pages.is_empty(),
+                "budget {budget}: held pages leaked"
+            );
+            assert_eq!(st.live_allocs, 0, "budget {budget}: blocks leaked");
+        }
     }
 }

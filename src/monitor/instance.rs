@@ -249,6 +249,9 @@ pub struct Instance<H: Host> {
     host: H,
     /// The monitor's caches, built by the first EXEC.
     monitor: Option<Monitor<H>>,
+    /// The failure to build the monitor was logged (once per instance: a
+    /// client retrying EXEC must not flood the console).
+    logged_monitor_failure: bool,
     ram: RamParams,
     pages_to_flush: UserPage<H>,
     ram_pages_to_update: UserPage<H>,
@@ -298,6 +301,7 @@ impl<H: Host> Instance<H> {
         Ok(Self {
             host: host.clone(),
             monitor: None,
+            logged_monitor_failure: false,
             ram,
             pages_to_flush,
             ram_pages_to_update,
@@ -396,10 +400,16 @@ impl<H: Host> Instance<H> {
         if self.monitor.is_none() {
             match Monitor::new(&self.host, &self.ram) {
                 Ok(m) => self.monitor = Some(m),
-                Err(_) => {
-                    self.host.log(format_args!(
-                        "KQEMU_EXEC: no kernel memory for the monitor's tables"
-                    ));
+                Err(e) => {
+                    if !self.logged_monitor_failure {
+                        self.logged_monitor_failure = true;
+                        let why = match e {
+                            Error::Fault => "the dirty bytes are no longer mapped",
+                            _ => "no kernel memory for the monitor's tables",
+                        };
+                        self.host
+                            .log(format_args!("KQEMU_EXEC: cannot run guest code: {why}"));
+                    }
                     state.retval = KQEMU_RET_SOFTMMU;
                     return;
                 }
