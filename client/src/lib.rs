@@ -14,6 +14,7 @@ pub mod context;
 pub mod cpio;
 pub mod elf;
 pub mod errno;
+pub mod kqemu;
 pub mod linux;
 pub mod loader;
 pub mod memfs;

@@ -10,8 +10,7 @@
 //! a stack, and the Linux system calls the testbed's tiny guests make
 //! (`write`, `getpid`, `exit`, `exit_group`; anything else is -ENOSYS).
 //! The full client core (client/src: processes, memfs, the whole system
-//! call layer) is what the testbed's monitor mode runs; sharing it with
-//! this program is issue 7's remaining work.
+//! call layer) runs programs under `--linux` (linux.rs).
 
 use core::ffi::CStr;
 use core::fmt::Write;
@@ -315,14 +314,14 @@ fn signal_of(vector: i32) -> i32 {
     }
 }
 
-fn say<S: GuestSystem>(sys: &mut S, args: core::fmt::Arguments<'_>) {
+pub(crate) fn say<S: GuestSystem>(sys: &mut S, args: core::fmt::Arguments<'_>) {
     let mut line = Line::default();
     let _ = line.write_fmt(args);
     sys.write_fd(2, line.as_bytes());
 }
 
 /// An mmap(MAP_ANON|MAP_SHARED) region as a byte slice.
-fn region<'a, S: GuestSystem>(sys: &mut S, len: u64) -> Option<(u64, &'a mut [u8])> {
+pub(crate) fn region<'a, S: GuestSystem>(sys: &mut S, len: u64) -> Option<(u64, &'a mut [u8])> {
     let addr = sys.mmap_shared_anon(len).ok()?;
     // SAFETY: a fresh private mapping of `len` readable, writable bytes
     // that this process never unmaps.

@@ -2,23 +2,30 @@
 //!
 //! The library holds what the program does, against a [`System`] (the
 //! FreeBSD system calls it needs): the error-path checks of the device
-//! contract (notes/contract.md, ABI.md), one result line each, and
-//! (`--guest`) a static Linux program run through KQEMU_EXEC (guest.rs).
+//! contract (notes/contract.md, ABI.md), one result line each,
+//! (`--guest`) a static Linux program run through KQEMU_EXEC with a
+//! minimal guest OS (guest.rs), and (`--linux`) one with the client core as
+//! its OS (linux.rs).
 //! `src/main.rs` is the static FreeBSD/amd64 program that runs them with
 //! raw system calls; the unit tests run them against a model.
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
 mod checks;
 mod guest;
 mod line;
+mod linux;
 
 pub use checks::{run_checks, Options};
 pub use guest::{run_guest, FxArea, GuestSystem};
+pub use kqemu_client::kqemu::CpuFeatures;
+pub use kqemu_client::Console;
 pub use line::Line;
+pub use linux::{run_linux, LINUX_RAM_SIZE};
 
 /// FreeBSD errno values (sys/sys/errno.h) the checks expect.
 pub mod errno {

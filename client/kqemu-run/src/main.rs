@@ -11,15 +11,26 @@
 //! Usage: `kqemu-run [--kldunload] [--exit-open] [--bench N]`. Exit status 0 when every check
 //! passed, 1 otherwise. `kqemu-run --guest PATH`: runs the static Linux/amd64
 //! program PATH through KQEMU_EXEC instead (guest.rs); its exit status.
+//! `kqemu-run --linux [--file PATH]... -- PROGRAM ARGS...`: runs a static
+//! Linux program (busybox) with the client core as its OS (linux.rs).
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::alloc::{GlobalAlloc, Layout};
 use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
 use core::ffi::{c_char, CStr};
 
 use kqemu::abi::{KqemuCpuState, KQEMU_EXEC};
-use kqemu_run::{run_checks, run_guest, FxArea, GuestSystem, Options, System, O_RDONLY};
+use kqemu_run::{
+    run_checks, run_guest, run_linux, Console, CpuFeatures, FxArea, GuestSystem, Options, System,
+    O_RDONLY,
+};
 
 /// __FreeBSD_version of the oldest release the binary is for (14.0).
 macro_rules! freebsd_abi_version {
@@ -55,6 +66,7 @@ const SYS_OPEN: u64 = 5;
 const SYS_CLOSE: u64 = 6;
 const SYS_IOCTL: u64 = 54;
 const SYS_MUNMAP: u64 = 73;
+const SYS_CLOCK_GETTIME: u64 = 232;
 const SYS_KLDUNLOAD: u64 = 305;
 const SYS_KLDFIND: u64 = 306;
 const SYS_MMAP: u64 = 477;
@@ -108,6 +120,193 @@ fn exit(status: u64) -> ! {
     let _ = syscall(SYS_EXIT, [status, 0, 0, 0, 0, 0]);
     // SAFETY: exit does not return; if it did, stop here.
     unsafe { asm!("ud2", options(noreturn)) }
+}
+
+/// CLOCK_REALTIME (sys/sys/_clock_id.h).
+const CLOCK_REALTIME: u64 = 0;
+
+/// The heap of the client core: power-of-two size classes from 16 bytes
+/// to [`LARGE`], each with a free list, carved from 4 MiB chunks of
+/// `mmap(MAP_ANON)`; larger blocks are mappings of their own.
+struct Heap(UnsafeCell<HeapState>);
+
+struct HeapState {
+    next: u64,
+    end: u64,
+    free: [u64; CLASSES],
+}
+
+const MIN_CLASS: u32 = 4;
+const CLASSES: usize = 17;
+/// The largest size class (16 << 16 = 1 MiB).
+const LARGE: usize = 1 << (MIN_CLASS as usize + CLASSES - 1);
+const CHUNK: u64 = 4 << 20;
+const PAGE: u64 = 4096;
+
+// SAFETY: this program has one thread.
+unsafe impl Sync for Heap {}
+
+#[global_allocator]
+static HEAP: Heap = Heap(UnsafeCell::new(HeapState {
+    next: 0,
+    end: 0,
+    free: [0; CLASSES],
+}));
+
+fn class_of(layout: Layout) -> usize {
+    let size = layout.size().max(layout.align()).max(1 << MIN_CLASS);
+    (size.next_power_of_two().trailing_zeros() - MIN_CLASS) as usize
+}
+
+fn map_anon(len: u64) -> *mut u8 {
+    let fd = u64::MAX; // -1: no file
+    syscall(
+        SYS_MMAP,
+        [0, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANON, fd, 0],
+    )
+    .map_or(core::ptr::null_mut(), |a| a as *mut u8)
+}
+
+// SAFETY: blocks are disjoint (free lists hold only freed blocks of their
+// class; the bump pointer only moves up), aligned to their class size up
+// to a page and to the page above that.
+unsafe impl GlobalAlloc for Heap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.align() > PAGE as usize {
+            // Nothing here asks for more than page alignment.
+            return core::ptr::null_mut();
+        }
+        if layout.size().max(layout.align()) > LARGE {
+            return map_anon((layout.size() as u64).div_ceil(PAGE) * PAGE);
+        }
+        // SAFETY: one thread, and no allocation happens while `h` lives.
+        let h = unsafe { &mut *self.0.get() };
+        let class = class_of(layout);
+        let head = h.free[class];
+        if head != 0 {
+            // SAFETY: a freed block of this class holds the next pointer.
+            h.free[class] = unsafe { *(head as *const u64) };
+            return head as *mut u8;
+        }
+        let size = 1u64 << (class as u32 + MIN_CLASS);
+        let align = size.min(PAGE);
+        let start = h.next.div_ceil(align) * align;
+        if h.next == 0 || start + size > h.end {
+            let chunk = map_anon(CHUNK);
+            if chunk.is_null() {
+                return chunk;
+            }
+            h.next = chunk as u64;
+            h.end = h.next + CHUNK;
+            // The new chunk is page-aligned and larger than any class.
+            h.next += size;
+            return chunk;
+        }
+        h.next = start + size;
+        start as *mut u8
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.size().max(layout.align()) > LARGE {
+            let len = (layout.size() as u64).div_ceil(PAGE) * PAGE;
+            let _ = syscall(SYS_MUNMAP, [ptr as u64, len, 0, 0, 0, 0]);
+            return;
+        }
+        // SAFETY: one thread, and no allocation happens while `h` lives.
+        let h = unsafe { &mut *self.0.get() };
+        let class = class_of(layout);
+        // SAFETY: the block is ours again and at least 16 bytes.
+        unsafe { *(ptr as *mut u64) = h.free[class] };
+        h.free[class] = ptr as u64;
+    }
+}
+
+/// The client core's console: guest output to this process's stdout and
+/// stderr (OS log lines are dropped), CLOCK_REALTIME, RDTSC-seeded bytes.
+struct FreeBsdConsole {
+    seed: u64,
+}
+
+impl Console for FreeBsdConsole {
+    fn write(&mut self, fd: i32, bytes: &[u8]) {
+        if fd == 1 || fd == 2 {
+            FreeBsd.write_fd(fd, bytes);
+        }
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        let mut ts = [0u64; 2];
+        let _ = syscall(
+            SYS_CLOCK_GETTIME,
+            [CLOCK_REALTIME, ts.as_mut_ptr() as u64, 0, 0, 0, 0],
+        );
+        ts[0].saturating_mul(1_000_000_000).saturating_add(ts[1])
+    }
+
+    fn random(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            // xorshift64 (Marsaglia): not cryptographic, the guest's
+            // AT_RANDOM and getrandom only need varying bytes here.
+            self.seed ^= self.seed << 13;
+            self.seed ^= self.seed >> 7;
+            self.seed ^= self.seed << 17;
+            *b = self.seed as u8;
+        }
+    }
+}
+
+/// NX from CPUID 8000_0001h EDX bit 20 (SDM Vol. 2A CPUID); the guest OS
+/// enables no XSAVE or FSGSBASE (its FPU state is an FXSAVE image).
+fn cpu_features() -> CpuFeatures {
+    let ext = core::arch::x86_64::__cpuid(0x8000_0001);
+    CpuFeatures {
+        nx: ext.edx & (1 << 20) != 0,
+        xsave: false,
+        fsgsbase: false,
+    }
+}
+
+/// `--linux [--file PATH]... -- PROGRAM ARGS...`
+fn linux_main(args: &[&CStr]) -> ! {
+    let Some(split) = args.iter().position(|a| a.to_bytes() == b"--") else {
+        usage()
+    };
+    let (options, program) = (&args[..split], &args[split + 1..]);
+    let mut files: Vec<&CStr> = Vec::new();
+    let mut it = options.iter();
+    while let Some(opt) = it.next() {
+        match (opt.to_bytes(), it.next()) {
+            (b"--file", Some(path)) => files.push(path),
+            _ => usage(),
+        }
+    }
+    let mut argv: Vec<&str> = Vec::new();
+    for a in program {
+        match a.to_str() {
+            Ok(s) => argv.push(s),
+            Err(_) => usage(),
+        }
+    }
+    if argv.is_empty() {
+        usage();
+    }
+    if !files.iter().any(|f| f.to_bytes() == argv[0].as_bytes()) {
+        files.push(program[0]);
+    }
+    let console = FreeBsdConsole {
+        // SAFETY: RDTSC, as in `cycles`.
+        seed: unsafe { core::arch::x86_64::_rdtsc() } | 1,
+    };
+    let envp = ["PATH=/bin:/sbin:/usr/bin:/usr/sbin", "HOME=/"];
+    let status = run_linux(
+        &mut FreeBsd,
+        Box::new(console),
+        cpu_features(),
+        &files,
+        &argv,
+        &envp,
+    );
+    exit(status as u64)
 }
 
 struct FreeBsd;
@@ -242,6 +441,13 @@ impl GuestSystem for FreeBsd {
 extern "C" fn start(sp: *const u64) -> ! {
     // SAFETY: the kernel's initial stack layout (see _start).
     let argc = unsafe { *sp } as usize;
+    let args: Vec<&CStr> = (1..argc)
+        // SAFETY: argv[1..argc] are NUL-terminated strings on the stack.
+        .map(|i| unsafe { CStr::from_ptr(*sp.add(1 + i) as *const c_char) })
+        .collect();
+    if args.first().is_some_and(|a| a.to_bytes() == b"--linux") {
+        linux_main(&args[1..]);
+    }
     let mut options = Options::default();
     let mut bench_next = false;
     let mut guest_next = false;
@@ -278,7 +484,10 @@ extern "C" fn start(sp: *const u64) -> ! {
 }
 
 fn usage() -> ! {
-    FreeBsd.print(b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N] | --guest PATH\n");
+    FreeBsd.print(
+        b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N] | --guest PATH\n\
+          | --linux [--file PATH]... -- PROGRAM ARGS...\n",
+    );
     exit(2)
 }
 
