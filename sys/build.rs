@@ -34,8 +34,6 @@ const FUNCTIONS: &[&str] = &[
     "printf",
     "vm_fault_quick_hold_pages",
     "vm_map_check_protection",
-    "vm_map_unwire",
-    "vm_map_wire",
     "vm_page_unhold_pages",
     "kqemu_.*",
 ];
@@ -44,12 +42,11 @@ const VARS: &[&str] = &[
     "FWRITE",
     "GID_WHEEL",
     "MAKEDEV_(CHECKNAME|WAITOK)",
-    "M_(KQEMU|NOWAIT|WAITOK|ZERO)",
+    "M_(KQEMU|NOWAIT|ZERO)",
     "PAGE_SIZE",
     "UID_ROOT",
-    "VM_MAP_WIRE_(HOLESOK|NOHOLES|USER|WRITE)",
     "kqemu_(cdevsw|tunable_gid|tunable_mode)",
-    "KQEMU_(FREEBSD_VERSION|KERN_SUCCESS|VM_PROT_READ|VM_PROT_WRITE)",
+    "KQEMU_(FREEBSD_VERSION|VM_PROT_READ|VM_PROT_WRITE)",
 ];
 
 fn main() {
