@@ -16,15 +16,12 @@
 use crate::channel::Channel;
 use crate::cpu::Features;
 use crate::fpu::FpuStates;
-use crate::initrd::{Config, GuestArch};
+use crate::initrd::Config;
 use crate::mem::{phys_to_virt, DMAP_BASE};
-use crate::native::{NativeError, RunStats, TestbedConsole, STATUS_TIME_LIMIT};
+use crate::native::{arch_of, start_program, NativeError, RunStats, STATUS_TIME_LIMIT};
 use crate::timer::Clock;
 use crate::{log, x86};
-use alloc::boxed::Box;
 use alloc::rc::Rc;
-use alloc::string::String;
-use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::cell::RefCell;
 use core::convert::Infallible;
@@ -39,7 +36,7 @@ use kqemu::device::OpenFile;
 use kqemu::error::{Error, Result as KResult};
 use kqemu::host::{HeldUserPage, Host};
 use kqemu_client::kqemu::{CpuFeatures, ExecCpu, Step, StepError};
-use kqemu_client::{Arch, GuestRam, Linux, LinuxConfig, MemFs, PagingFormat, Pid, Trap};
+use kqemu_client::{Arch, GuestRam, LinuxConfig, MemFs, PagingFormat, Pid, Trap};
 
 /// Set by the timer interrupt the monitor hands back to this kernel.
 static TICK: AtomicBool = AtomicBool::new(false);
@@ -210,10 +207,7 @@ impl MonitorRun<'_> {
             unsafe { core::slice::from_raw_parts_mut(phys_to_virt(ram_phys) as *mut u8, ram_size) };
         let ram = GuestRam::new(bytes, 0).map_err(|_| NativeError::Ram)?;
         let fs = MemFs::from_cpio(guest_archive).map_err(NativeError::Archive)?;
-        let arch = match self.config.arch {
-            GuestArch::Amd64 => Arch::Amd64,
-            GuestArch::I386 => Arch::I386,
-        };
+        let arch = arch_of(self.config);
         // The guest OS: a 64-bit one for amd64 programs; for i386 ones a
         // 32-bit OS (2-level or PAE paging) or a 64-bit one running them in
         // compatibility mode.
@@ -224,25 +218,15 @@ impl MonitorRun<'_> {
         if arch == Arch::Amd64 && paging != PagingFormat::Long4 {
             crate::fail(format_args!("amd64 programs need --guest-paging long4"));
         }
-        let mut linux_config = LinuxConfig::new(arch, paging);
-        linux_config.nx = self.features.nx;
-        linux_config.switch_every = self.config.switch_every;
-        let failed = Rc::new(RefCell::new(false));
-        let console = TestbedConsole {
-            channel: channel.clone(),
-            tsc_khz: self.clock.tsc_khz,
-            boot_tsc: x86::rdtsc(),
-            epoch_ns: self.config.epoch_ns,
-            rdrand: self.features.rdrand,
-            seed: x86::rdtsc() | 1,
-            failed: failed.clone(),
-        };
-        let mut linux = Linux::new(ram, fs, linux_config, Box::new(console));
-        let argv: Vec<&str> = self.config.argv.iter().map(String::as_str).collect();
-        let envp: Vec<&str> = self.config.envp.iter().map(String::as_str).collect();
-        let init = linux
-            .spawn(argv[0], &argv, &envp)
-            .map_err(NativeError::Spawn)?;
+        let (mut linux, init, failed) = start_program(
+            self.config,
+            self.features,
+            self.clock,
+            ram,
+            fs,
+            LinuxConfig::new(arch, paging),
+            channel,
+        )?;
 
         // The client's side of INIT: dirty bytes (all dirty: this client
         // translates no code) and the three list pages.

@@ -19,7 +19,7 @@ use core::convert::Infallible;
 use core::fmt;
 use kqemu_client::cpio::CpioError;
 use kqemu_client::{
-    Arch, Console, Errno, GuestRam, Linux, LinuxConfig, MemFs, PagingFormat, Trap, LOG_FD,
+    Arch, Console, Errno, GuestRam, Linux, LinuxConfig, MemFs, PagingFormat, Pid, Trap, LOG_FD,
 };
 
 /// Status of a program killed for running past its time limit:
@@ -153,6 +153,48 @@ impl fmt::Display for RunStats {
     }
 }
 
+/// The guest's architecture as the client core names it.
+pub(crate) fn arch_of(config: &Config) -> Arch {
+    match config.arch {
+        GuestArch::Amd64 => Arch::Amd64,
+        GuestArch::I386 => Arch::I386,
+    }
+}
+
+/// The start both runners share: the client core on `ram` and `fs`, with
+/// the configured program spawned as pid 1. Its console sends the guest's
+/// output through `channel` and sets the returned flag when the channel
+/// cannot take it.
+pub(crate) fn start_program<'a>(
+    config: &Config,
+    features: Features,
+    clock: &Clock,
+    ram: GuestRam<'a>,
+    fs: MemFs,
+    mut linux_config: LinuxConfig,
+    channel: &Rc<RefCell<Channel>>,
+) -> Result<(Linux<'a>, Pid, Rc<RefCell<bool>>), NativeError> {
+    linux_config.nx = features.nx;
+    linux_config.switch_every = config.switch_every;
+    let failed = Rc::new(RefCell::new(false));
+    let console = TestbedConsole {
+        channel: channel.clone(),
+        tsc_khz: clock.tsc_khz,
+        boot_tsc: x86::rdtsc(),
+        epoch_ns: config.epoch_ns,
+        rdrand: features.rdrand,
+        seed: x86::rdtsc() | 1,
+        failed: failed.clone(),
+    };
+    let mut linux = Linux::new(ram, fs, linux_config, Box::new(console));
+    let argv: Vec<&str> = config.argv.iter().map(String::as_str).collect();
+    let envp: Vec<&str> = config.envp.iter().map(String::as_str).collect();
+    let init = linux
+        .spawn(argv[0], &argv, &envp)
+        .map_err(NativeError::Spawn)?;
+    Ok((linux, init, failed))
+}
+
 pub struct Native<'c> {
     pub config: &'c Config,
     pub features: Features,
@@ -184,30 +226,17 @@ impl Native<'_> {
             unsafe { core::slice::from_raw_parts_mut(phys_to_virt(ram_phys) as *mut u8, ram_size) };
         let ram = GuestRam::new(bytes, ram_phys).map_err(|_| NativeError::Ram)?;
         let fs = MemFs::from_cpio(guest_archive).map_err(NativeError::Archive)?;
-        let arch = match self.config.arch {
-            GuestArch::Amd64 => Arch::Amd64,
-            GuestArch::I386 => Arch::I386,
-        };
-        let mut linux_config = LinuxConfig::new(arch, PagingFormat::Long4);
+        let mut linux_config = LinuxConfig::new(arch_of(self.config), PagingFormat::Long4);
         linux_config.kernel_pml4e = self.space.upper_entries.to_vec();
-        linux_config.nx = self.features.nx;
-        linux_config.switch_every = self.config.switch_every;
-        let failed = Rc::new(RefCell::new(false));
-        let console = TestbedConsole {
-            channel: channel.clone(),
-            tsc_khz: self.clock.tsc_khz,
-            boot_tsc: x86::rdtsc(),
-            epoch_ns: self.config.epoch_ns,
-            rdrand: self.features.rdrand,
-            seed: x86::rdtsc() | 1,
-            failed: failed.clone(),
-        };
-        let mut linux = Linux::new(ram, fs, linux_config, Box::new(console));
-        let argv: Vec<&str> = self.config.argv.iter().map(String::as_str).collect();
-        let envp: Vec<&str> = self.config.envp.iter().map(String::as_str).collect();
-        let init = linux
-            .spawn(argv[0], &argv, &envp)
-            .map_err(NativeError::Spawn)?;
+        let (mut linux, init, failed) = start_program(
+            self.config,
+            self.features,
+            self.clock,
+            ram,
+            fs,
+            linux_config,
+            channel,
+        )?;
 
         let mut cpu = UserCpu::new(self.features);
         let limit = self.clock.ms_to_cycles(self.config.time_limit_ms);
