@@ -532,17 +532,20 @@ mod tests {
         assert!(Instance::new(&host, &init).is_ok());
     }
 
+    /// The five user-address fields of `KqemuInit`, for tests that break
+    /// each in turn.
+    const POINTER_FIELDS: [fn(&mut KqemuInit) -> &mut u64; 5] = [
+        |i| &mut i.ram_base,
+        |i| &mut i.ram_dirty,
+        |i| &mut i.pages_to_flush,
+        |i| &mut i.ram_pages_to_update,
+        |i| &mut i.modified_ram_pages,
+    ];
+
     #[test]
     fn init_rejects_each_misaligned_pointer() {
         let host = mapped_host();
-        let fields: [fn(&mut KqemuInit) -> &mut u64; 5] = [
-            |i| &mut i.ram_base,
-            |i| &mut i.ram_dirty,
-            |i| &mut i.pages_to_flush,
-            |i| &mut i.ram_pages_to_update,
-            |i| &mut i.modified_ram_pages,
-        ];
-        for (n, field) in fields.iter().enumerate() {
+        for (n, field) in POINTER_FIELDS.iter().enumerate() {
             for offset in [1, 8, 0x800] {
                 let mut init = good_init();
                 *field(&mut init) += offset;
@@ -559,14 +562,7 @@ mod tests {
     #[test]
     fn init_rejects_buffers_outside_the_user_half() {
         let host = mapped_host();
-        let fields: [fn(&mut KqemuInit) -> &mut u64; 5] = [
-            |i| &mut i.ram_base,
-            |i| &mut i.ram_dirty,
-            |i| &mut i.pages_to_flush,
-            |i| &mut i.ram_pages_to_update,
-            |i| &mut i.modified_ram_pages,
-        ];
-        for (n, field) in fields.iter().enumerate() {
+        for (n, field) in POINTER_FIELDS.iter().enumerate() {
             // Last page of the user half (fits for the one-page lists and
             // the dirty bytes of this small RAM, not for the RAM itself),
             // first page of the upper half, and a wrapping address.
@@ -590,14 +586,7 @@ mod tests {
 
     #[test]
     fn init_faults_on_each_unmapped_buffer() {
-        let fields: [fn(&mut KqemuInit) -> &mut u64; 5] = [
-            |i| &mut i.ram_base,
-            |i| &mut i.ram_dirty,
-            |i| &mut i.pages_to_flush,
-            |i| &mut i.ram_pages_to_update,
-            |i| &mut i.modified_ram_pages,
-        ];
-        for (n, field) in fields.iter().enumerate() {
+        for (n, field) in POINTER_FIELDS.iter().enumerate() {
             let host = mapped_host();
             let mut init = good_init();
             *field(&mut init) = 0x4000_0000;
