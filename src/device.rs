@@ -175,10 +175,7 @@ impl<H: Host> OpenFile<H> {
     }
 
     fn exec(&self, state: &mut KqemuCpuState) -> Result<()> {
-        self.with_instance(|i| {
-            i.exec(state);
-            Ok(())
-        })
+        self.with_instance(|i| i.exec(state))
     }
 
     fn modify_ram_pages(&self, count: i32) -> Result<()> {

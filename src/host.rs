@@ -10,6 +10,7 @@ use core::marker::PhantomData;
 use core::mem::{align_of, size_of};
 use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -30,6 +31,140 @@ pub struct HeldUserPage {
     /// The host's own handle for the release (a `vm_page_t` on FreeBSD).
     pub cookie: usize,
 }
+
+/// Most map entries whose identity is recorded for one user range
+/// ([`Host::user_range_backing`]); a range over more is checked the slow
+/// way, at every change of the map. QEMU maps its guest RAM, dirty bytes
+/// and list pages with one mmap each, so one entry per range is usual.
+pub const MAX_BACKING_PIECES: usize = 8;
+
+/// One part of a user range and the mapping behind it: the memory object
+/// (compared only, never followed) and the offset in it of `start`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapPiece {
+    pub start: u64,
+    pub end: u64,
+    pub object: usize,
+    pub offset: u64,
+}
+
+/// The identity of the memory behind a user range: while it stays equal,
+/// pages held from the range are still the ones the process sees there.
+/// Unused pieces stay zero, so the derived equality compares the used
+/// ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RangeBacking {
+    pieces: [MapPiece; MAX_BACKING_PIECES],
+    len: usize,
+}
+
+impl RangeBacking {
+    /// A backing of `pieces`, first to last; `None` past
+    /// [`MAX_BACKING_PIECES`].
+    pub fn new(pieces: &[MapPiece]) -> Option<Self> {
+        let mut b = Self::default();
+        b.pieces.get_mut(..pieces.len())?.copy_from_slice(pieces);
+        b.len = pieces.len();
+        Some(b)
+    }
+
+    /// The pieces, first to last.
+    pub fn pieces(&self) -> &[MapPiece] {
+        &self.pieces[..self.len]
+    }
+}
+
+/// The module-wide books of locked user pages, shared by every instance
+/// (FreeBSD: held pages are wirings that `vm.max_user_wired` does not
+/// count, so the module bounds them itself, FREEBSD.md "Memory").
+///
+/// `promised` is what instances may hold: each one's reservation (taken
+/// by INIT) plus the growth of its locked-page cache granted since; it
+/// never passes the host's limit. `held` is what the host's
+/// `hold_user_page` holds right now, for the administrator's view.
+/// `repr(C)` and `u32`: the kld's sysctl reads `held` as a `u_int`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct LockBudget {
+    held: AtomicU32,
+    promised: AtomicU32,
+}
+
+/// Offset of `held` in [`LockBudget`]: the kld's C shim names it as the
+/// first `u_int` of the structure.
+pub const LOCK_BUDGET_HELD_OFFSET: usize = core::mem::offset_of!(LockBudget, held);
+
+impl LockBudget {
+    /// Empty books.
+    pub const fn new() -> Self {
+        Self {
+            held: AtomicU32::new(0),
+            promised: AtomicU32::new(0),
+        }
+    }
+
+    /// Pages held now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed) as usize
+    }
+
+    /// Pages promised to instances now.
+    pub fn promised(&self) -> usize {
+        self.promised.load(Ordering::Acquire) as usize
+    }
+
+    /// Books one page held by the host.
+    pub fn note_hold(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Books one page released by the host.
+    pub fn note_release(&self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Promises `pages` more if the total stays within `max`; otherwise
+    /// nothing, and `Err` carries what was promised already. One atomic
+    /// add and, on refusal, its undo: never a retry loop, so a racing
+    /// caller may be refused conservatively, never over-served.
+    pub fn reserve(&self, pages: usize, max: usize) -> core::result::Result<(), usize> {
+        let Ok(n) = u32::try_from(pages) else {
+            return Err(self.promised());
+        };
+        let before = self.promised.fetch_add(n, Ordering::AcqRel) as usize;
+        if before.saturating_add(pages) <= max {
+            Ok(())
+        } else {
+            self.promised.fetch_sub(n, Ordering::AcqRel);
+            Err(before)
+        }
+    }
+
+    /// Promises as many of `pages` more as fit within `max` (maybe none);
+    /// returns how many.
+    pub fn grant_up_to(&self, pages: usize, max: usize) -> usize {
+        let n = u32::try_from(pages).unwrap_or(u32::MAX);
+        let before = self.promised.fetch_add(n, Ordering::AcqRel) as usize;
+        let room = max.saturating_sub(before).min(n as usize);
+        let excess = n - room as u32;
+        if excess > 0 {
+            self.promised.fetch_sub(excess, Ordering::AcqRel);
+        }
+        room
+    }
+
+    /// Takes back `pages` promised by `reserve` or `grant_up_to`.
+    pub fn release(&self, pages: usize) {
+        // Callers give back at most what they were promised, which fit
+        // in u32 when taken.
+        self.promised
+            .fetch_sub(u32::try_from(pages).unwrap_or(0), Ordering::AcqRel);
+    }
+}
+
+/// The books of hosts that keep none of their own: no limit. Their
+/// instances still reserve and release, so the counts stay balanced.
+static UNLIMITED_BUDGET: LockBudget = LockBudget::new();
 
 /// Services of the host kernel.
 ///
@@ -86,6 +221,51 @@ pub trait Host: Clone + Send + Sync {
     /// Whether the thread should go back to user mode now: a signal is
     /// pending or the scheduler wants the CPU (FREEBSD.md "CPU").
     fn should_yield(&self) -> bool;
+
+    /// The name under which the administrator sets
+    /// [`Host::max_locked_pages`], for the log line of a refusal.
+    const MAX_LOCKED_PAGES_NAME: &'static str = "the locked-page limit";
+
+    /// The module-wide books of locked user pages (one per loaded module,
+    /// shared by all instances).
+    fn lock_budget(&self) -> &LockBudget {
+        &UNLIMITED_BUDGET
+    }
+
+    /// Most user pages all instances together may hold; read at every
+    /// decision, so a lowered limit takes effect at the next EXEC.
+    fn max_locked_pages(&self) -> usize {
+        u32::MAX as usize
+    }
+
+    /// A number that changes whenever the caller's address map changes
+    /// (a mapping added, removed or changed), so that pages held from an
+    /// earlier mapping can be told stale. A host that cannot tell answers
+    /// the same number always.
+    fn user_map_version(&self) -> u64 {
+        0
+    }
+
+    /// The identity of the mappings behind `addr..addr+len` (each part's
+    /// memory object and offset), when the range is mapped read/write over
+    /// at most [`MAX_BACKING_PIECES`] mappings that each have their object
+    /// already; `None` otherwise, or when the host cannot tell (then the
+    /// caller treats every change of [`Host::user_map_version`] as a
+    /// change of the range). The answer keeps each object alive (its
+    /// address is not reused) until [`Host::release_range_backing`], so a
+    /// mapping replaced by another at the same address has another object
+    /// and the answer changes.
+    fn user_range_backing(&self, _addr: u64, _len: u64) -> Option<RangeBacking> {
+        None
+    }
+
+    /// Lets go of the objects an answer of [`Host::user_range_backing`]
+    /// kept alive.
+    ///
+    /// # Safety
+    ///
+    /// `backing` came from `user_range_backing` and is released once.
+    unsafe fn release_range_backing(&self, _backing: &RangeBacking) {}
 }
 
 /// Types for which all-zero bytes are a valid value, so a zeroed host
@@ -304,21 +484,32 @@ pub(crate) mod mock {
 
     #[derive(Default)]
     pub(crate) struct MockState {
-        /// Mapped user ranges: (start, end, writable).
-        pub mappings: Vec<(u64, u64, bool)>,
+        /// Mapped user ranges: (start, end, writable, object), each
+        /// mapping with an object of its own.
+        pub mappings: Vec<(u64, u64, bool, usize)>,
         pub live_allocs: usize,
         pub live_bytes: usize,
         /// Allocations left before `alloc_zeroed` starts failing.
         pub allocs_before_failure: Option<usize>,
         pub held_pages: Vec<u64>,
+        /// Pages held so far (`held_pages` is what is held now).
+        pub holds: u64,
         pub log: Vec<String>,
         /// Answers of `should_yield`, first to last; then `false`.
         pub yields: Vec<bool>,
+        /// `max_locked_pages`; `None`: no limit.
+        pub max_locked: Option<usize>,
+        /// `user_map_version`: bumped by every map and unmap.
+        pub map_version: u64,
+        /// Objects kept alive by `user_range_backing` answers: object →
+        /// references.
+        pub object_refs: std::collections::BTreeMap<usize, u32>,
     }
 
     #[derive(Clone, Default)]
     pub(crate) struct MockHost {
         state: Arc<Mutex<MockState>>,
+        budget: Arc<LockBudget>,
     }
 
     impl MockHost {
@@ -327,7 +518,31 @@ pub(crate) mod mock {
         }
 
         pub(crate) fn map(&self, start: u64, len: u64, writable: bool) {
-            self.state().mappings.push((start, start + len, writable));
+            let mut st = self.state();
+            st.map_version += 1;
+            let object = st.map_version as usize;
+            st.mappings.push((start, start + len, writable, object));
+        }
+
+        /// Removes the mappings that start at `start` (munmap).
+        pub(crate) fn unmap(&self, start: u64) {
+            let mut st = self.state();
+            st.mappings.retain(|&(s, _, _, _)| s != start);
+            st.map_version += 1;
+        }
+
+        /// A change of the map elsewhere (an unrelated mmap or munmap):
+        /// the version moves, the mappings stay.
+        pub(crate) fn touch_map(&self) {
+            self.state().map_version += 1;
+        }
+
+        /// The writable mapping containing `addr`.
+        fn mapping_at(st: &MockState, addr: u64) -> Option<(u64, u64, bool, usize)> {
+            st.mappings
+                .iter()
+                .copied()
+                .find(|&(s, e, w, _)| w && s <= addr && addr < e)
         }
     }
 
@@ -372,11 +587,7 @@ pub(crate) mod mock {
                 if cursor >= end {
                     return Ok(());
                 }
-                let Some(&(_, m_end, _)) = st
-                    .mappings
-                    .iter()
-                    .find(|&&(s, e, w)| w && s <= cursor && cursor < e)
-                else {
+                let Some((_, m_end, _, _)) = Self::mapping_at(&st, cursor) else {
                     return Err(Error::Fault);
                 };
                 cursor = m_end;
@@ -394,7 +605,12 @@ pub(crate) mod mock {
             // SAFETY: non-zero size.
             let kernel =
                 NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or(Error::NoMemory)?;
-            self.state().held_pages.push(user_addr);
+            {
+                let mut st = self.state();
+                st.held_pages.push(user_addr);
+                st.holds += 1;
+            }
+            self.budget.note_hold();
             Ok(HeldUserPage {
                 user_addr,
                 phys: 0x1_0000_0000 + user_addr,
@@ -411,6 +627,7 @@ pub(crate) mod mock {
                 .position(|&a| a == page.user_addr)
                 .expect("page was held");
             st.held_pages.swap_remove(i);
+            self.budget.note_release();
             let layout = Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize)
                 .expect("page layout");
             // SAFETY: `kernel` came from alloc_zeroed with this layout in
@@ -437,6 +654,81 @@ pub(crate) mod mock {
                 st.yields.remove(0)
             }
         }
+
+        const MAX_LOCKED_PAGES_NAME: &'static str = "mock.max_locked_pages";
+
+        fn lock_budget(&self) -> &LockBudget {
+            &self.budget
+        }
+
+        fn max_locked_pages(&self) -> usize {
+            self.state().max_locked.unwrap_or(u32::MAX as usize)
+        }
+
+        fn user_map_version(&self) -> u64 {
+            self.state().map_version
+        }
+
+        fn user_range_backing(&self, addr: u64, len: u64) -> Option<RangeBacking> {
+            let mut st = self.state();
+            let end = addr.checked_add(len)?;
+            let mut pieces = Vec::new();
+            let mut cursor = addr;
+            while cursor < end && pieces.len() < MAX_BACKING_PIECES {
+                let (s, e, _, object) = Self::mapping_at(&st, cursor)?;
+                pieces.push(MapPiece {
+                    start: cursor,
+                    end: e.min(end),
+                    object,
+                    offset: cursor - s,
+                });
+                cursor = e;
+            }
+            let backing = RangeBacking::new(&pieces).filter(|_| cursor >= end)?;
+            for p in backing.pieces() {
+                *st.object_refs.entry(p.object).or_default() += 1;
+            }
+            Some(backing)
+        }
+
+        unsafe fn release_range_backing(&self, backing: &RangeBacking) {
+            let mut st = self.state();
+            for p in backing.pieces() {
+                let refs = st
+                    .object_refs
+                    .get_mut(&p.object)
+                    .expect("object referenced");
+                *refs -= 1;
+                if *refs == 0 {
+                    st.object_refs.remove(&p.object);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lock_budget_reserves_grants_and_releases() {
+        let b = LockBudget::new();
+        assert_eq!(b.reserve(60, 100), Ok(()));
+        assert_eq!(b.reserve(50, 100), Err(60), "all or nothing");
+        assert_eq!(b.promised(), 60);
+        assert_eq!(b.grant_up_to(30, 100), 30);
+        assert_eq!(b.grant_up_to(30, 100), 10, "only what fits");
+        assert_eq!(b.grant_up_to(5, 100), 0);
+        assert_eq!(b.promised(), 100);
+        b.release(40);
+        assert_eq!(b.reserve(40, 100), Ok(()));
+        // A lowered limit refuses everything new, takes nothing back.
+        assert_eq!(b.grant_up_to(1, 50), 0);
+        assert_eq!(b.reserve(1, 50), Err(100));
+        assert_eq!(b.promised(), 100);
+        b.release(100);
+        assert_eq!(b.promised(), 0);
+        assert_eq!(b.reserve(usize::MAX, usize::MAX), Err(0));
+        b.note_hold();
+        b.note_hold();
+        b.note_release();
+        assert_eq!(b.held(), 1);
     }
 
     #[test]

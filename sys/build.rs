@@ -34,6 +34,7 @@ const FUNCTIONS: &[&str] = &[
     "printf",
     "vm_fault_quick_hold_pages",
     "vm_map_check_protection",
+    "vm_object_deallocate",
     "vm_page_unhold_pages",
     "kqemu_.*",
 ];
@@ -45,7 +46,8 @@ const VARS: &[&str] = &[
     "M_(KQEMU|NOWAIT|ZERO)",
     "PAGE_SIZE",
     "UID_ROOT",
-    "kqemu_(cdevsw|tunable_gid|tunable_mode)",
+    "kqemu_(cdevsw|tunable_gid|tunable_mode|max_locked_pages)",
+    "vm_page_max_user_wired",
     "KQEMU_(FREEBSD_VERSION|VM_PROT_READ|VM_PROT_WRITE)",
 ];
 

@@ -2,7 +2,9 @@
  * SPDX-License-Identifier: BSD-2-Clause
  *
  * C macros and variadic functions of the kernel, wrapped in functions the
- * Rust side can call.  Nothing else belongs here.
+ * Rust side can call, and the one walk over struct vm_map_entry fields
+ * (kqemu_map_backing), kept in C so it reads them through FreeBSD's own
+ * headers.  Nothing else belongs here.
  */
 
 #include <sys/param.h>
@@ -17,6 +19,7 @@
 #include <vm/vm_param.h>
 #include <vm/pmap.h>
 #include <vm/vm_map.h>
+#include <vm/vm_object.h>
 #include <vm/vm_page.h>
 
 #include <machine/cpufunc.h>
@@ -77,6 +80,75 @@ kqemu_vm_map_unlock_read(vm_map_t map)
 {
 
 	vm_map_unlock_read(map);
+}
+
+/*
+ * The mappings behind the user range start..end of `map`, for the module
+ * to tell whether its guest RAM is still the same memory after the map's
+ * timestamp moved (any mmap, munmap or mprotect in the process moves it).
+ * For each map entry covering the range, at most `max`: the covered part,
+ * the entry's vm_object and the object offset of the part's start; parts
+ * of one object at consecutive offsets are merged, so a clipped entry
+ * (madvise, minherit) is still the same memory.  Returns the number of
+ * pieces written, each holding a reference on its object (given back
+ * with vm_object_deallocate), or -1, with nothing referenced, when a page
+ * of the range is unmapped, an entry is a submap, is not mapped
+ * read/write or has no object yet (an untouched anonymous mapping: it
+ * gets one at its first fault, so its identity is unknown until then),
+ * or the range spans more than `max` entries.
+ * Each entry is the one vm_map_lookup_entry finds at the previous entry's
+ * end, under the map's read lock.  The reference keeps the object, and so
+ * its address, alive: a mapping replaced by another at the same place
+ * gets an object at another address, never this one recycled by the
+ * object zone.
+ */
+int
+kqemu_map_backing(vm_map_t map, vm_offset_t start, vm_offset_t end,
+    struct kqemu_map_piece *pieces, int max)
+{
+	vm_map_entry_t entry;
+	vm_offset_t addr, stop;
+	vm_ooffset_t offset;
+	uintptr_t object;
+	struct kqemu_map_piece *last;
+	int i, n;
+
+	if (start >= end || max <= 0)
+		return (-1);
+	n = 0;
+	addr = start;
+	vm_map_lock_read(map);
+	for (i = 0; i < max && addr < end; i++) {
+		if (!vm_map_lookup_entry(map, addr, &entry) ||
+		    (entry->eflags & MAP_ENTRY_IS_SUB_MAP) != 0 ||
+		    (entry->protection & (VM_PROT_READ | VM_PROT_WRITE)) !=
+		    (VM_PROT_READ | VM_PROT_WRITE) ||
+		    entry->object.vm_object == NULL)
+			break;
+		object = (uintptr_t)entry->object.vm_object;
+		offset = entry->offset + (addr - entry->start);
+		stop = MIN(entry->end, end);
+		last = n > 0 ? &pieces[n - 1] : NULL;
+		if (last != NULL && last->object == object &&
+		    last->end == addr &&
+		    last->offset + (addr - last->start) == offset) {
+			last->end = stop;
+		} else {
+			pieces[n].start = addr;
+			pieces[n].end = stop;
+			pieces[n].object = object;
+			pieces[n].offset = offset;
+			n++;
+		}
+		addr = entry->end;
+	}
+	if (addr < end)
+		n = -1;
+	/* The entries hold references, so the objects are alive here. */
+	for (i = 0; i < n; i++)
+		vm_object_reference((vm_object_t)pieces[i].object);
+	vm_map_unlock_read(map);
+	return (n);
 }
 
 /*

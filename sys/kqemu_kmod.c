@@ -52,5 +52,20 @@ int kqemu_tunable_mode = 0660;
 SYSCTL_INT(_hw_kqemu, OID_AUTO, mode, CTLFLAG_RDTUN, &kqemu_tunable_mode, 0,
     "Permissions of /dev/kqemu");
 
+/*
+ * Guest pages the module holds (vm_fault_quick_hold_pages) are wirings that
+ * vm.max_user_wired does not count, so the module bounds them itself: all
+ * instances together hold at most hw.kqemu.max_locked_pages.  0 at load
+ * means the default, half of vm.max_user_wired (src/freebsd/mod.rs); a
+ * later change applies from each instance's next KQEMU_EXEC (shrinking
+ * caches) and to the next KQEMU_INIT.
+ */
+u_int kqemu_max_locked_pages;
+SYSCTL_UINT(_hw_kqemu, OID_AUTO, max_locked_pages, CTLFLAG_RWTUN,
+    &kqemu_max_locked_pages, 0,
+    "Most guest pages all kqemu instances together hold");
+SYSCTL_UINT(_hw_kqemu, OID_AUTO, locked_pages, CTLFLAG_RD,
+    &kqemu_lock_budget.held, 0, "Guest pages kqemu holds now");
+
 DEV_MODULE(kqemu, kqemu_modevent, NULL);
 MODULE_VERSION(kqemu, 1);

@@ -14,6 +14,7 @@ MALLOC_DECLARE(M_KQEMU);
 extern struct cdevsw kqemu_cdevsw;
 extern int kqemu_tunable_gid;
 extern int kqemu_tunable_mode;
+extern u_int kqemu_max_locked_pages;
 
 /*
  * Defined by the Rust side.  Not given to bindgen (the Rust definitions
@@ -22,6 +23,12 @@ extern int kqemu_tunable_mode;
  */
 #ifndef KQEMU_BINDGEN
 extern u_int kqemu_instances;
+/* The module-wide books of held pages (src/host.rs LockBudget, repr(C)). */
+struct kqemu_lock_budget {
+	u_int	held;
+	u_int	promised;
+};
+extern struct kqemu_lock_budget kqemu_lock_budget;
 extern int kqemu_abi_version;
 int	kqemu_modevent(module_t mod, int type, void *arg);
 d_open_t kqemu_open;
@@ -38,6 +45,18 @@ int	kqemu_make_dev_s(struct make_dev_args *args, struct cdev **cdev,
 	    const char *name);
 void	kqemu_vm_map_lock_read(vm_map_t map);
 void	kqemu_vm_map_unlock_read(vm_map_t map);
+/*
+ * One part of a user range and the mapping behind it
+ * (kqemu_map_backing): `object` is the entry's vm_object_t, only compared.
+ */
+struct kqemu_map_piece {
+	vm_offset_t	start;
+	vm_offset_t	end;
+	uintptr_t	object;
+	vm_ooffset_t	offset;
+};
+int	kqemu_map_backing(vm_map_t map, vm_offset_t start, vm_offset_t end,
+	    struct kqemu_map_piece *pieces, int max);
 u_int	kqemu_cpu_enter(void);
 void	kqemu_cpu_leave(void);
 

@@ -127,6 +127,14 @@ pub struct UserContext {
     /// i386: the selectors the program loaded into FS and GS (e.g. GS = TLS entry).
     pub fs_sel: u16,
     pub gs_sel: u16,
+    /// i386: the selectors the program loaded into DS, ES and SS itself (a TLS entry with
+    /// another base or limit, or null for DS and ES). `None`: the runner's flat user data
+    /// segment, which every program starts with; the runners' selector values differ (the
+    /// testbed's own GDT, the monitor guest's Linux numbering), so the context keeps the
+    /// choice and each runner its number.
+    pub ds_sel: Option<u16>,
+    pub es_sel: Option<u16>,
+    pub ss_sel: Option<u16>,
 }
 
 /// Why the runner stopped a process.

@@ -13,7 +13,9 @@ use kqemu::abi::{
     seg, KqemuCpuState, KqemuSegmentCache, KQEMU_FLUSH_ALL, KQEMU_RET_EXCEPTION, KQEMU_RET_INT,
     KQEMU_RET_INTR, KQEMU_RET_SOFTMMU, KQEMU_RET_SYSCALL,
 };
-use kqemu::monitor::segments::{cache_of_load, Descriptor, Selector};
+use kqemu::monitor::segments::{
+    cache_of_load, entry_segment, CpuMode, Descriptor, SegReg, Selector,
+};
 
 use crate::{Arch, Linux, PagingFormat, Pid, Trap, UserContext};
 
@@ -99,6 +101,12 @@ fn data_cache32(ctx: &UserContext, selector: u16) -> KqemuSegmentCache {
     cache(0, 0, 0)
 }
 
+/// An i386 DS, ES or SS selector as [`UserContext`] keeps it: `None` for
+/// the flat user data segment every program starts with.
+fn own_data_selector(selector: u16) -> Option<u16> {
+    (selector != GUEST_DS32).then_some(selector)
+}
+
 /// The CPU state of a process for EXEC: a long-mode guest whose amd64
 /// processes run 64-bit code and whose i386 processes run in
 /// compatibility mode.
@@ -144,11 +152,23 @@ pub fn state_of(
         s.eip &= 0xffff_ffff;
         s.regs[4] &= 0xffff_ffff;
         s.segs[seg::CS] = cache(GUEST_CS32, FLAGS_CODE32, 0);
-        s.segs[seg::SS] = cache(GUEST_DS32, FLAGS_DATA, 0);
-        s.segs[seg::DS] = cache(GUEST_DS32, FLAGS_DATA, 0);
-        s.segs[seg::ES] = cache(GUEST_DS32, FLAGS_DATA, 0);
-        s.segs[seg::FS] = data_cache32(ctx, ctx.fs_sel);
-        s.segs[seg::GS] = data_cache32(ctx, ctx.gs_sel);
+        s.segs[seg::SS] = data_cache32(ctx, ctx.ss_sel.unwrap_or(GUEST_DS32));
+        // A data register whose TLS entry the program has made unloadable
+        // since it loaded it is null: i386 Linux reloads DS, ES, FS and GS
+        // on every return to user mode and its fixup of a failed reload
+        // loads null (x86_64 Linux gives 32-bit programs the same result,
+        // tests/guests/dataseg). SS cannot be null: see `stale_stack`.
+        let data = |reg: SegReg, sel: u16| {
+            let c = data_cache32(ctx, sel);
+            match entry_segment(reg, &c, CpuMode::Legacy) {
+                Ok(_) => c,
+                Err(_) => cache(0, 0, 0),
+            }
+        };
+        s.segs[seg::DS] = data(SegReg::Ds, ctx.ds_sel.unwrap_or(GUEST_DS32));
+        s.segs[seg::ES] = data(SegReg::Es, ctx.es_sel.unwrap_or(GUEST_DS32));
+        s.segs[seg::FS] = data(SegReg::Fs, ctx.fs_sel);
+        s.segs[seg::GS] = data(SegReg::Gs, ctx.gs_sel);
     } else {
         s.segs[seg::CS] = cache(GUEST_CS64, FLAGS_CODE64, 0);
         s.segs[seg::SS] = cache(GUEST_DS, FLAGS_DATA, 0);
@@ -176,8 +196,10 @@ const DESC_CONFORMING: u64 = 1 << 42;
 const DESC_RW: u64 = 1 << 41;
 const DESC_DPL_SHIFT: u32 = 45;
 /// ModRM reg field of `mov Sreg, r/m16` (8E /r): ES CS SS DS FS GS.
+const SREG_ES: u8 = 0;
 const SREG_CS: u8 = 1;
 const SREG_SS: u8 = 2;
+const SREG_DS: u8 = 3;
 const SREG_FS: u8 = 4;
 const SREG_GS: u8 = 5;
 
@@ -225,8 +247,8 @@ fn fault(vector: u8, error_code: u16) -> Emulated {
 /// register in protected mode") and POP: the monitor has the process's
 /// entry descriptors only, so a load it cannot do (a TLS selector, a bad
 /// selector) comes back as SOFTMMU. A load that succeeds is carried out
-/// only where the process's state has a place for it (FS and GS of i386
-/// processes); `None`: this client cannot emulate the instruction.
+/// only where the process's state has a place for it (the data registers
+/// of i386 processes); `None`: this client cannot emulate the instruction.
 /// `stack_top` is the word at the stack pointer, for `pop`.
 fn emulate_segment_load(
     code: &[u8],
@@ -256,8 +278,8 @@ fn emulate_segment_load(
             let reg = usize::from(modrm & 7) + if rex_b { 8 } else { 0 };
             ((modrm >> 3) & 7, ctx.regs[reg] as u16, 0, 2)
         }
-        [0x1f, ..] if compat => (3, stack_top?, popped, 1),
-        [0x07, ..] if compat => (0, stack_top?, popped, 1),
+        [0x1f, ..] if compat => (SREG_DS, stack_top?, popped, 1),
+        [0x07, ..] if compat => (SREG_ES, stack_top?, popped, 1),
         [0x17, ..] if compat => (SREG_SS, stack_top?, popped, 1),
         [0x0f, 0xa1, ..] => (SREG_FS, stack_top?, popped, 2),
         [0x0f, 0xa9, ..] => (SREG_GS, stack_top?, popped, 2),
@@ -304,6 +326,9 @@ fn emulate_segment_load(
     match sreg {
         SREG_FS if compat => ctx.fs_sel = selector,
         SREG_GS if compat => ctx.gs_sel = selector,
+        SREG_ES if compat => ctx.es_sel = own_data_selector(selector),
+        SREG_SS if compat => ctx.ss_sel = own_data_selector(selector),
+        SREG_DS if compat => ctx.ds_sel = own_data_selector(selector),
         _ => return None,
     }
     ctx.regs[4] = (ctx.regs[4] + pop) & 0xffff_ffff;
@@ -445,6 +470,10 @@ pub fn step<C: ExecCpu>(
     }
     let compat = runnable.arch == Arch::I386;
     let mut state = state_of(runnable.ctx, runnable.arch, paging, runnable.cr3, features);
+    if let Some(trap) = stale_stack(runnable.ctx, &state, compat) {
+        linux.trap(pid, trap);
+        return Ok(Step::Ran { pid, trap });
+    }
     if runnable.flush_tlb {
         state.nb_pages_to_flush = KQEMU_FLUSH_ALL;
     }
@@ -456,6 +485,9 @@ pub fn step<C: ExecCpu>(
     if compat {
         ctx.fs_sel = state.segs[seg::FS].selector;
         ctx.gs_sel = state.segs[seg::GS].selector;
+        ctx.es_sel = own_data_selector(state.segs[seg::ES].selector);
+        ctx.ss_sel = own_data_selector(state.segs[seg::SS].selector);
+        ctx.ds_sel = own_data_selector(state.segs[seg::DS].selector);
     } else {
         ctx.fs_base = state.segs[seg::FS].base;
         ctx.gs_base = state.segs[seg::GS].base;
@@ -514,6 +546,21 @@ pub fn step<C: ExecCpu>(
     };
     linux.trap(pid, trap);
     Ok(Step::Ran { pid, trap })
+}
+
+/// An i386 program's own SS whose TLS entry no longer holds a writable
+/// DPL-3 data segment (the program changed it after loading SS): Linux's
+/// return to user mode faults reloading SS, and the program gets #GP
+/// (SIGSEGV) without running; the monitor would refuse the state. The
+/// checks of SS do not depend on the CPU mode.
+fn stale_stack(ctx: &UserContext, state: &KqemuCpuState, compat: bool) -> Option<Trap> {
+    let selector = ctx.ss_sel.filter(|_| compat)?;
+    entry_segment(SegReg::Ss, &state.segs[seg::SS], CpuMode::Legacy).err()?;
+    Some(Trap::Exception {
+        vector: VECTOR_GP,
+        error_code: u32::from(selector & !3),
+        cr2: 0,
+    })
 }
 
 /// SOFTMMU: this client has a small emulator only: segment-register loads,
@@ -648,6 +695,72 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn i386_data_selectors_are_kept() {
+        let mut ctx = UserContext::default();
+        // A 4 KiB 32-bit data segment at 0x1000 in TLS entry 6 (selector 0x33).
+        ctx.tls[0] = crate::UserDesc {
+            entry_number: 6,
+            base_addr: 0x1000,
+            limit: 0xfff,
+            flags: 1 | 1 << 6,
+        };
+        ctx.regs[0] = 0x33;
+        assert!(matches!(
+            emulate_segment_load(&[0x8e, 0xd0], &mut ctx, true, None),
+            Some(Emulated::Done(2))
+        ));
+        // pop ds of the user data selector: the default again; mov es of
+        // null: kept as null.
+        ctx.regs[4] = 0x8000;
+        assert!(matches!(
+            emulate_segment_load(&[0x1f], &mut ctx, true, Some(GUEST_DS32)),
+            Some(Emulated::Done(1))
+        ));
+        assert_eq!(ctx.regs[4], 0x8004);
+        ctx.regs[0] = 0;
+        assert!(matches!(
+            emulate_segment_load(&[0x8e, 0xc0], &mut ctx, true, None),
+            Some(Emulated::Done(2))
+        ));
+        assert_eq!(
+            (ctx.ss_sel, ctx.ds_sel, ctx.es_sel),
+            (Some(0x33), None, Some(0))
+        );
+        let s = state_of(
+            &ctx,
+            Arch::I386,
+            PagingFormat::Legacy32,
+            0x1000,
+            &CpuFeatures::default(),
+        );
+        let ss = s.segs[seg::SS];
+        assert_eq!((ss.selector, ss.base, ss.limit), (0x33, 0x1000, 0xfff));
+        assert_eq!(s.segs[seg::DS].selector, GUEST_DS32);
+        assert_eq!((s.segs[seg::ES].selector, s.segs[seg::ES].flags), (0, 0));
+        assert!(stale_stack(&ctx, &s, true).is_none());
+        // The program marks the entry not present with DS and SS loaded:
+        // DS becomes null, SS faults before the program runs.
+        ctx.ds_sel = Some(0x33);
+        ctx.tls[0].flags |= 1 << 5;
+        let s = state_of(
+            &ctx,
+            Arch::I386,
+            PagingFormat::Legacy32,
+            0x1000,
+            &CpuFeatures::default(),
+        );
+        assert_eq!(s.segs[seg::DS].selector, 0);
+        assert_eq!(
+            stale_stack(&ctx, &s, true),
+            Some(Trap::Exception {
+                vector: VECTOR_GP,
+                error_code: 0x30,
+                cr2: 0
+            })
+        );
     }
 
     #[test]

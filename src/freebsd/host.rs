@@ -8,7 +8,9 @@ use core::ptr::{self, NonNull};
 use freebsd_kernel_sys as sys;
 
 use crate::error::{Error, Result};
-use crate::host::{HeldUserPage, Host, PAGE_SIZE};
+use crate::host::{
+    HeldUserPage, Host, LockBudget, MapPiece, RangeBacking, MAX_BACKING_PIECES, PAGE_SIZE,
+};
 
 /// The running FreeBSD kernel, seen from the thread that called into the
 /// module (user addresses are those of its process).
@@ -153,6 +155,7 @@ impl Host for FreeBsdHost {
             unsafe { sys::vm_page_unhold_pages(&mut page, 1) };
             return Err(Error::Fault);
         };
+        super::lock_budget().note_hold();
         Ok(HeldUserPage {
             user_addr,
             phys,
@@ -166,6 +169,7 @@ impl Host for FreeBsdHost {
         // SAFETY: the caller guarantees `page` was held by hold_user_page
         // (the cookie is its vm_page_t) and is released once.
         unsafe { sys::vm_page_unhold_pages(&mut m, 1) };
+        super::lock_budget().note_release();
     }
 
     fn virt_to_phys(&self, virt: u64) -> Option<u64> {
@@ -193,6 +197,77 @@ impl Host for FreeBsdHost {
         // SAFETY: pairs with the critical_enter(9) of cpu_enter; a
         // preemption deferred meanwhile happens here.
         unsafe { sys::kqemu_cpu_leave() };
+    }
+
+    const MAX_LOCKED_PAGES_NAME: &'static str = "hw.kqemu.max_locked_pages";
+
+    fn lock_budget(&self) -> &LockBudget {
+        super::lock_budget()
+    }
+
+    fn max_locked_pages(&self) -> usize {
+        super::max_locked_pages()
+    }
+
+    fn user_map_version(&self) -> u64 {
+        let map = current_map();
+        // SAFETY: `timestamp` changes under the map's exclusive lock, at
+        // every change of the map (vm_map_lock() increments it); read
+        // under the shared lock, held only around the read.
+        unsafe {
+            sys::kqemu_vm_map_lock_read(map);
+            let stamp = ptr::read_volatile(ptr::addr_of!((*map).timestamp));
+            sys::kqemu_vm_map_unlock_read(map);
+            u64::from(stamp)
+        }
+    }
+
+    fn user_range_backing(&self, addr: u64, len: u64) -> Option<RangeBacking> {
+        let end = addr.checked_add(len)?;
+        let mut raw = [sys::kqemu_map_piece::default(); MAX_BACKING_PIECES];
+        // SAFETY: `raw` has room for the MAX_BACKING_PIECES pieces the
+        // helper may write; it takes and drops the map's read lock itself
+        // and only reads the entries (helpers.c).
+        let n = unsafe {
+            sys::kqemu_map_backing(
+                current_map(),
+                addr,
+                end,
+                raw.as_mut_ptr(),
+                MAX_BACKING_PIECES as c_int,
+            )
+        };
+        let n = usize::try_from(n).ok()?;
+        let mut pieces = [MapPiece::default(); MAX_BACKING_PIECES];
+        for (piece, r) in pieces.iter_mut().zip(raw.iter()).take(n) {
+            *piece = MapPiece {
+                start: r.start,
+                end: r.end,
+                object: r.object,
+                offset: r.offset,
+            };
+        }
+        let backing = pieces.get(..n).and_then(RangeBacking::new);
+        if backing.is_none() {
+            // Not reached (the helper writes at most MAX_BACKING_PIECES),
+            // but the references it took must not leak either way.
+            for r in raw.iter().take(n) {
+                // SAFETY: kqemu_map_backing referenced each of these.
+                unsafe { sys::vm_object_deallocate(r.object as sys::vm_object_t) };
+            }
+        }
+        backing
+    }
+
+    unsafe fn release_range_backing(&self, backing: &RangeBacking) {
+        for p in backing.pieces() {
+            // SAFETY: the caller guarantees `backing` came from
+            // user_range_backing, whose helper took one reference on each
+            // piece's object, and is released once; vm_object_deallocate
+            // may sleep, which thread context (an ioctl, the cdevpriv
+            // destructor) allows.
+            unsafe { sys::vm_object_deallocate(p.object as sys::vm_object_t) };
+        }
     }
 
     fn should_yield(&self) -> bool {

@@ -14,7 +14,7 @@ use freebsd_kernel_sys as sys;
 use crate::abi::{IOCPARM_MASK, KQEMU_VERSION};
 use crate::device::OpenFile;
 use crate::error::Error;
-use crate::host::{Host, HostBox};
+use crate::host::{Host, HostBox, LockBudget, LOCK_BUDGET_HELD_OFFSET};
 use host::FreeBsdHost;
 
 /// `hw.kqemu.version`, read by the shim's sysctl: the ABI version.
@@ -28,6 +28,13 @@ static kqemu_abi_version: c_int = KQEMU_VERSION as c_int;
 #[no_mangle]
 #[allow(non_upper_case_globals)] // the C shim's name
 static kqemu_instances: AtomicU32 = AtomicU32::new(0);
+
+/// The module-wide books of held guest pages (all instances); the shim's
+/// `hw.kqemu.locked_pages` reads `held`, its first `u_int`.
+#[no_mangle]
+#[allow(non_upper_case_globals)] // the C shim's name
+static kqemu_lock_budget: LockBudget = LockBudget::new();
+const _: () = assert!(LOCK_BUDGET_HELD_OFFSET == 0);
 
 /// `/dev/kqemu`, between load and unload.
 static DEVICE: AtomicPtr<sys::cdev> = AtomicPtr::new(ptr::null_mut());
@@ -101,7 +108,42 @@ fn device_owner() -> (sys::gid_t, c_int) {
     (gid, mode)
 }
 
+/// `hw.kqemu.max_locked_pages` when the loader did not set it: half of
+/// `vm.max_user_wired` (which FreeBSD sets to a third of the free pages at
+/// boot, vm_pageout_init). Held pages are not counted against that limit,
+/// so user wirings and kqemu together stay near half of memory, and an
+/// administrator who raised or lowered `vm.max_user_wired` is followed.
+fn default_max_locked_pages() -> u32 {
+    // SAFETY: a u_long of the kernel (sys/vm/vm_pageout.c), only read; a
+    // racing sysctl write gives the old or the new value.
+    let wired = unsafe { ptr::read_volatile(ptr::addr_of!(sys::vm_page_max_user_wired)) };
+    u32::try_from(wired / 2).unwrap_or(u32::MAX)
+}
+
+/// Locked pages the instances may hold, from the sysctl.
+pub(crate) fn max_locked_pages() -> usize {
+    // SAFETY: a u_int of the shim, written by the sysctl framework; a
+    // racing write gives the old or the new value.
+    unsafe { ptr::read_volatile(ptr::addr_of!(sys::kqemu_max_locked_pages)) as usize }
+}
+
+/// The module-wide books of held pages.
+pub(crate) fn lock_budget() -> &'static LockBudget {
+    &kqemu_lock_budget
+}
+
 fn load() -> c_int {
+    // SAFETY: module load runs before any open of /dev/kqemu, and the
+    // sysctl is writable only after it is registered, which already
+    // happened (the tunable was fetched then): one writer here.
+    unsafe {
+        if ptr::read_volatile(ptr::addr_of!(sys::kqemu_max_locked_pages)) == 0 {
+            ptr::write_volatile(
+                ptr::addr_of_mut!(sys::kqemu_max_locked_pages),
+                default_max_locked_pages(),
+            );
+        }
+    }
     let (gid, mode) = device_owner();
     let mut args = sys::make_dev_args::default();
     let mut dev: *mut sys::cdev = ptr::null_mut();

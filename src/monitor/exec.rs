@@ -521,6 +521,31 @@ impl<H: Host> Monitor<H> {
         })
     }
 
+    /// Pages in the locked-page cache now, and the most it can hold.
+    pub fn locked_pages(&self) -> (usize, usize) {
+        (self.locked.len(), LOCKED_SLOTS)
+    }
+
+    /// Caps the locked-page cache at `cap` pages (the instance's share of
+    /// the module-wide budget, ram.rs `LockShare`) and unlocks the least
+    /// recently used pages beyond it now.
+    pub fn limit_locked(&mut self, cap: usize) {
+        let Self {
+            shadow,
+            locked,
+            host,
+            code_page,
+            ..
+        } = self;
+        locked.set_cap(cap);
+        locked.shrink(LOCKED_SLOTS, |old| {
+            if code_page.is_some_and(|(_, p, _)| p == old.page) {
+                *code_page = None;
+            }
+            unlock(shadow, host, old);
+        });
+    }
+
     /// `KQEMU_MODIFY_RAM_PAGES`: the client changed these pages.
     pub fn modified(&mut self, map: &PhysMap<H>, ram: &RamParams, list: NonNull<u8>, count: usize) {
         let list = ListPage(list.cast());
@@ -706,7 +731,10 @@ impl<H: Host> Monitor<H> {
                     }
                 }
             }
-            let code = self.code_at(&entry, &area, map, ram);
+            let code = match area.exit_code() {
+                Some(bytes) => (bytes, 2),
+                None => self.code_at(&entry, &area, map, ram),
+            };
             let outcome = classify(
                 exit.vector,
                 exit.error_code,
@@ -855,9 +883,7 @@ impl<H: Host> Monitor<H> {
         // bits the guest may own, and the host's were read with interrupts
         // off just above.
         let exit = unsafe { sw.run(&setup) };
-        if host_cr4 & Cr4::PCIDE.bits() != 0 {
-            flush_all_pcids(host_cr4);
-        }
+        switch::flush_shadow_pcid(host_cr4);
         if exit.pending_nmi {
             // SAFETY: the host's tables are back; it handles NMIs.
             unsafe { switch::reraise(switch::VECTOR_NMI) };
@@ -1164,26 +1190,6 @@ pub fn guest_cr4(host: u64, guest: Cr4) -> u64 {
     cr4 & !Cr4::PKE.bits()
 }
 
-/// Drops the shadow's translations from every PCID (CR4.PCIDE hosts: the
-/// shadow ran with PCID 0, which the host uses too): toggling CR4.PGE
-/// invalidates all TLB entries of all PCIDs (SDM Vol. 3A 4.10.4.1).
-fn flush_all_pcids(cr4: u64) {
-    if cr4 & Cr4::PGE.bits() == 0 {
-        return;
-    }
-    // SAFETY: writing back the host's CR4 with PGE toggled and restored;
-    // interrupts are disabled around it.
-    unsafe {
-        core::arch::asm!(
-            "mov cr4, {0}",
-            "mov cr4, {1}",
-            in(reg) cr4 & !Cr4::PGE.bits(),
-            in(reg) cr4,
-            options(nostack)
-        )
-    };
-}
-
 /// The switch area for the state: registers, the IRETQ frame, data
 /// selectors and the 64-bit FS/GS bases.
 fn area_from_state(state: &KqemuCpuState, entry: &NormalModeEntry) -> SwitchArea {
@@ -1200,14 +1206,23 @@ fn area_from_state(state: &KqemuCpuState, entry: &NormalModeEntry) -> SwitchArea
         gs: u64::from(state.segs[seg::GS].selector),
         ..SwitchArea::default()
     };
-    if let Some(base) = entry.segments[seg::FS].base_msr {
-        a.fs_base = base;
-        a.load_bases |= 1;
-    }
-    if let Some(base) = entry.segments[seg::GS].base_msr {
-        a.gs_base = base;
-        a.load_bases |= 2;
-    }
+    // The switch loads both bases after the selectors: the 64-bit base,
+    // or the one the selector's descriptor gives (0 for a null one).
+    let base = |s: &crate::monitor::segments::EntrySegment| {
+        s.base_msr
+            .or_else(|| s.descriptor.map(|d| u64::from(d.base())))
+            .unwrap_or(0)
+    };
+    a.fs_base = base(&entry.segments[seg::FS]);
+    a.gs_base = base(&entry.segments[seg::GS]);
+    // The exit reads the code bytes at the linear address of RIP (as
+    // `code_linear` computes it).
+    a.code_base = code_linear(entry, 0, 0);
+    a.code_mask = if entry.mode == CpuMode::Legacy || entry.code_size != CodeSize::Bits64 {
+        0xffff_ffff
+    } else {
+        u64::MAX
+    };
     a
 }
 

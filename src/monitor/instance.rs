@@ -13,8 +13,13 @@ use crate::abi::{
     USER_ADDRESS_LIMIT,
 };
 use crate::error::{Error, Result};
-use crate::host::{Host, HostArray, UserPage, Zeroable};
+use crate::host::{Host, HostArray, RangeBacking, UserPage, Zeroable};
 use crate::monitor::exec::{Lists, Monitor};
+use crate::monitor::ram::LockShare;
+
+/// The list pages INIT holds: `pages_to_flush`, `ram_pages_to_update`,
+/// `modified_ram_pages`.
+const LIST_PAGES: usize = 3;
 
 /// The client's guest RAM, as INIT gave it (user addresses of the caller).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +36,12 @@ impl RamParams {
     /// Number of guest RAM pages (= dirty bytes).
     pub fn pages(&self) -> u64 {
         self.ram_size / KQEMU_PAGE_SIZE
+    }
+
+    /// Pages of dirty bytes (one byte per RAM page), held by the monitor
+    /// for its whole life.
+    pub fn dirty_pages(&self) -> usize {
+        self.pages().div_ceil(KQEMU_PAGE_SIZE).max(1) as usize
     }
 }
 
@@ -257,13 +268,51 @@ pub struct Instance<H: Host> {
     ram_pages_to_update: UserPage<H>,
     modified_ram_pages: UserPage<H>,
     phys_map: PhysMap<H>,
+    /// The instance's share of the module-wide budget of locked pages.
+    share: LockShare<H>,
+    /// `Host::user_map_version` when the held pages were last known to be
+    /// the client's current ones.
+    map_version: u64,
+    /// The mappings behind guest RAM, the dirty bytes and the three list
+    /// pages then, when the host could tell ([`Self::backing`]).
+    backing: Option<Backing<H>>,
 }
+
+/// One answer of [`Host::user_range_backing`]; dropping it lets go of the
+/// objects the host keeps alive for it.
+struct HeldBacking<H: Host> {
+    host: H,
+    backing: RangeBacking,
+}
+
+impl<H: Host> HeldBacking<H> {
+    fn record(host: &H, addr: u64, len: u64) -> Option<Self> {
+        Some(Self {
+            host: host.clone(),
+            backing: host.user_range_backing(addr, len)?,
+        })
+    }
+}
+
+impl<H: Host> Drop for HeldBacking<H> {
+    fn drop(&mut self) {
+        // SAFETY: `backing` came from user_range_backing (record) and is
+        // released here, once.
+        unsafe { self.host.release_range_backing(&self.backing) };
+    }
+}
+
+/// The identity of the mappings behind guest RAM, the dirty bytes and the
+/// list pages, in that order.
+type Backing<H> = [HeldBacking<H>; 2 + LIST_PAGES];
 
 impl<H: Host> Instance<H> {
     /// Validates INIT's argument and builds the instance: EINVAL for a bad
     /// field, EFAULT for a buffer not mapped read/write in the caller,
-    /// ENOMEM when the host has no memory. On failure everything taken so
-    /// far is given back.
+    /// ENOMEM when the host has no memory or the module-wide limit of
+    /// locked pages cannot cover the instance's minimum (with a log line
+    /// naming the limit). On failure everything taken so far is given
+    /// back.
     pub fn new(host: &H, init: &KqemuInit) -> Result<Self> {
         let ram = RamParams {
             ram_base: init.ram_base,
@@ -287,8 +336,24 @@ impl<H: Host> Instance<H> {
             check_user_buffer(list, KQEMU_PAGE_SIZE)?;
         }
 
+        // Read before the checks: a change of the map from here on is
+        // seen by the first EXEC.
+        let map_version = host.user_map_version();
         host.check_user_range(ram.ram_base, ram.ram_size)?;
         host.check_user_range(ram.ram_dirty, ram.pages())?;
+        let backing = Self::backing(host, &ram, lists);
+        let share = LockShare::reserve(host, LIST_PAGES + ram.dirty_pages()).map_err(|r| {
+            host.log(format_args!(
+                "KQEMU_INIT: {} pages to lock for {} MiB of guest RAM do not fit \
+                 {}={} ({} promised to other instances): ENOMEM",
+                r.needed,
+                ram.ram_size >> 20,
+                H::MAX_LOCKED_PAGES_NAME,
+                r.max,
+                r.promised
+            ));
+            Error::NoMemory
+        })?;
         let pages_to_flush = UserPage::hold(host, init.pages_to_flush)?;
         let ram_pages_to_update = UserPage::hold(host, init.ram_pages_to_update)?;
         let modified_ram_pages = UserPage::hold(host, init.modified_ram_pages)?;
@@ -307,7 +372,72 @@ impl<H: Host> Instance<H> {
             ram_pages_to_update,
             modified_ram_pages,
             phys_map,
+            share,
+            map_version,
+            backing,
         })
+    }
+
+    /// What [`Host::user_range_backing`] answers for each range the
+    /// instance holds pages of; `None` if it cannot tell for one of them.
+    fn backing(host: &H, ram: &RamParams, lists: [u64; LIST_PAGES]) -> Option<Backing<H>> {
+        let [flush, update, modified] = lists;
+        // On a `None`, the answers taken so far are dropped: released.
+        Some([
+            HeldBacking::record(host, ram.ram_base, ram.ram_size)?,
+            HeldBacking::record(host, ram.ram_dirty, ram.pages())?,
+            HeldBacking::record(host, flush, KQEMU_PAGE_SIZE)?,
+            HeldBacking::record(host, update, KQEMU_PAGE_SIZE)?,
+            HeldBacking::record(host, modified, KQEMU_PAGE_SIZE)?,
+        ])
+    }
+
+    /// Makes sure the pages the instance holds are still the client's.
+    /// FreeBSD keeps a held page alive when the client unmaps it, so after
+    /// a change of the client's map (munmap, mmap over the range) the
+    /// module would go on using pages the client no longer has. The map's
+    /// version moves at every mmap, munmap or mprotect anywhere in the
+    /// process (and at some first faults), so a change is first compared
+    /// with the mappings behind the instance's ranges recorded last time
+    /// ([`Self::backing`]): the same mappings (same memory objects at the
+    /// same offsets) mean the held pages are still the client's, and every
+    /// cache stays. The record keeps its objects alive, so an object of a
+    /// new mapping never has the address of a recorded one. Otherwise, or when the host cannot tell: the monitor's
+    /// caches go (their RAM and dirty-byte pages are held again from the
+    /// current mapping when needed), the RAM and dirty ranges must still
+    /// be mapped read/write (EFAULT otherwise, again at each call until
+    /// they are), and the list pages are held again.
+    fn revalidate(&mut self) -> Result<()> {
+        let now = self.host.user_map_version();
+        if now == self.map_version {
+            return Ok(());
+        }
+        let lists = self.list_pages().map(|p| p.user_addr());
+        let backing = Self::backing(&self.host, &self.ram, lists);
+        let unchanged = match (&backing, &self.backing) {
+            (Some(new), Some(old)) => new.iter().zip(old).all(|(n, o)| n.backing == o.backing),
+            _ => false,
+        };
+        if unchanged {
+            self.map_version = now;
+            return Ok(());
+        }
+        // The old record's objects are let go now: an unmapped range's
+        // memory is not kept alive while the calls answer EFAULT.
+        self.backing = None;
+        self.monitor = None;
+        let ram = self.ram;
+        self.host.check_user_range(ram.ram_base, ram.ram_size)?;
+        self.host.check_user_range(ram.ram_dirty, ram.pages())?;
+        // Each new hold replaces the old one (released on drop); with the
+        // monitor gone this stays within the instance's reservation.
+        self.pages_to_flush = UserPage::hold(&self.host, self.pages_to_flush.user_addr())?;
+        self.ram_pages_to_update =
+            UserPage::hold(&self.host, self.ram_pages_to_update.user_addr())?;
+        self.modified_ram_pages = UserPage::hold(&self.host, self.modified_ram_pages.user_addr())?;
+        self.map_version = now;
+        self.backing = backing;
+        Ok(())
     }
 
     /// The guest RAM parameters.
@@ -371,6 +501,7 @@ impl<H: Host> Instance<H> {
     /// `modified_ram_pages`. EINVAL unless `0 <= count <= 512`. The
     /// monitor drops what it derived from those pages.
     pub fn modify_ram_pages(&mut self, count: i32) -> Result<()> {
+        self.revalidate()?;
         match u32::try_from(count) {
             Ok(n) if n <= KQEMU_MAX_MODIFIED_RAM_PAGES => {
                 if let Some(m) = self.monitor.as_mut() {
@@ -391,10 +522,13 @@ impl<H: Host> Instance<H> {
     /// `state.retval` (exec.rs). A host that cannot run guest code
     /// (`Host::cpu_enter`) answers `KQEMU_RET_ABORT`, which makes the
     /// client stop with a CPU dump instead of computing wrong results.
-    pub fn exec(&mut self, state: &mut KqemuCpuState) {
+    /// EFAULT when the client unmapped its guest RAM, dirty bytes or list
+    /// pages since INIT ([`Self::revalidate`]).
+    pub fn exec(&mut self, state: &mut KqemuCpuState) -> Result<()> {
+        self.revalidate()?;
         if self.host.cpu_enter().is_none() {
             state.retval = KQEMU_RET_ABORT;
-            return;
+            return Ok(());
         }
         self.host.cpu_leave();
         if self.monitor.is_none() {
@@ -411,7 +545,7 @@ impl<H: Host> Instance<H> {
                             .log(format_args!("KQEMU_EXEC: cannot run guest code: {why}"));
                     }
                     state.retval = KQEMU_RET_SOFTMMU;
-                    return;
+                    return Ok(());
                 }
             }
         }
@@ -421,8 +555,13 @@ impl<H: Host> Instance<H> {
             modified_ram_pages: self.modified_ram_pages.kernel_ptr(),
         };
         if let Some(m) = self.monitor.as_mut() {
+            // The cache may grow only as far as the module-wide budget
+            // allows; past it, its least recently used pages go now.
+            let (locked, slots) = m.locked_pages();
+            m.limit_locked(self.share.next_cap(locked, slots));
             m.exec(state, &self.phys_map, &self.ram, &lists);
         }
+        Ok(())
     }
 }
 
@@ -430,6 +569,7 @@ impl<H: Host> Instance<H> {
 mod tests {
     use super::*;
     use crate::host::mock::MockHost;
+    use crate::host::MAX_BACKING_PIECES;
     use std::vec::Vec;
 
     const RAM: u64 = 0x10_0000;
@@ -928,8 +1068,169 @@ mod tests {
             user_only: 1,
             ..Default::default()
         };
-        inst.exec(&mut state);
+        assert_eq!(inst.exec(&mut state), Ok(()));
         assert_eq!(state.retval, KQEMU_RET_ABORT);
         assert_eq!((state.eip, state.cpl, state.user_only), (0x1234, 3, 1));
+    }
+
+    /// What INIT reserves for `good_init`: the three list pages, one page
+    /// of dirty bytes (1024 RAM pages), the cache's minimum and one
+    /// transient hold.
+    const MINIMUM: usize = 3 + 1 + crate::monitor::ram::MIN_LOCKED_PAGES + 1;
+
+    #[test]
+    fn init_reserves_its_minimum_and_close_gives_it_back() {
+        let host = mapped_host();
+        host.state().max_locked = Some(2 * MINIMUM);
+        let a = instance(&host);
+        assert_eq!(host.lock_budget().promised(), MINIMUM);
+        // Held pages are booked by the host and covered by the share.
+        assert_eq!(host.lock_budget().held(), 3);
+        let b = instance(&host);
+        assert_eq!(host.lock_budget().promised(), 2 * MINIMUM);
+        drop((a, b));
+        assert_eq!(host.lock_budget().promised(), 0);
+        assert_eq!(host.lock_budget().held(), 0);
+    }
+
+    #[test]
+    fn init_past_the_limit_is_enomem_with_a_log_line() {
+        let host = mapped_host();
+        host.state().max_locked = Some(MINIMUM + 5);
+        let first = instance(&host);
+        assert_eq!(
+            Instance::new(&host, &good_init()).err(),
+            Some(Error::NoMemory)
+        );
+        let log = host.state().log.clone();
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert!(
+            log[0].contains("mock.max_locked_pages=26")
+                && log[0].contains(&refusal_prefix(MINIMUM))
+                && log[0].contains("(21 promised to other instances)"),
+            "{log:?}"
+        );
+        // Nothing was taken by the refused INIT.
+        assert_eq!(host.lock_budget().promised(), MINIMUM);
+        assert_eq!(host.state().held_pages.len(), 3);
+        drop(first);
+        // A lowered limit refuses even the first instance.
+        host.state().max_locked = Some(MINIMUM - 1);
+        assert_eq!(
+            Instance::new(&host, &good_init()).err(),
+            Some(Error::NoMemory)
+        );
+        host.state().max_locked = Some(MINIMUM);
+        assert!(Instance::new(&host, &good_init()).is_ok());
+        // A list page that cannot be held after the reservation: EFAULT,
+        // and the reservation is given back.
+        host.unmap(LISTS[2]);
+        assert_eq!(Instance::new(&host, &good_init()).err(), Some(Error::Fault));
+        assert_eq!(host.lock_budget().promised(), 0);
+        assert!(host.state().held_pages.is_empty());
+    }
+
+    fn refusal_prefix(n: usize) -> std::string::String {
+        std::format!("KQEMU_INIT: {n} pages to lock")
+    }
+
+    #[test]
+    fn unmapped_guest_ram_is_efault_at_the_next_exec() {
+        let host = mapped_host();
+        let mut inst = instance(&host);
+        let mut state = KqemuCpuState::default();
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        // munmap of guest RAM between two EXECs.
+        host.unmap(RAM);
+        assert_eq!(inst.exec(&mut state), Err(Error::Fault));
+        // The recorded objects are let go: the unmapped memory is not
+        // kept alive while the calls fail.
+        assert!(host.state().object_refs.is_empty());
+        assert_eq!(inst.modify_ram_pages(0), Err(Error::Fault));
+        assert_eq!(inst.exec(&mut state), Err(Error::Fault), "still gone");
+        // Mapped again (as a client would after mmap MAP_FIXED): runs, and
+        // the list pages are held anew (released and held: still three).
+        host.map(RAM, RAM_SIZE, true);
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        assert_eq!(host.state().held_pages.len(), 3);
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        // The list pages themselves gone: EFAULT too.
+        host.unmap(LISTS[2]);
+        assert_eq!(inst.exec(&mut state), Err(Error::Fault));
+        drop(inst);
+        assert!(host.state().held_pages.is_empty());
+        assert_eq!(host.lock_budget().promised(), 0);
+    }
+
+    #[test]
+    fn unrelated_map_changes_keep_running() {
+        let host = mapped_host();
+        let mut inst = instance(&host);
+        let mut state = KqemuCpuState::default();
+        let holds = host.state().holds;
+        // mmap elsewhere, and a change that leaves every mapping as it was
+        // (an mprotect elsewhere, a first fault): the version moves, the
+        // mappings behind the instance's ranges stay, so nothing is held
+        // again.
+        host.map(0x4000_0000, 0x1000, true);
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        host.touch_map();
+        assert_eq!(inst.modify_ram_pages(0), Ok(()));
+        host.unmap(0x4000_0000);
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        assert_eq!(host.state().holds, holds, "no list page held again");
+        assert_eq!(host.state().held_pages.len(), 3);
+    }
+
+    #[test]
+    fn guest_ram_mapped_anew_at_the_same_address_is_noticed() {
+        let host = mapped_host();
+        let mut inst = instance(&host);
+        let mut state = KqemuCpuState::default();
+        let holds = host.state().holds;
+        // munmap + mmap MAP_FIXED: the same range, another object. The
+        // client sees the new memory, so the module must too: the caches
+        // go and the list pages are held anew.
+        host.unmap(RAM);
+        host.map(RAM, RAM_SIZE, true);
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        assert_eq!(host.state().holds, holds + 3);
+        // Recorded anew: the next unrelated change keeps everything.
+        host.touch_map();
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        assert_eq!(host.state().holds, holds + 3);
+        // The dirty bytes replaced the same way: noticed too.
+        host.unmap(DIRTY);
+        host.map(DIRTY, RAM_SIZE / KQEMU_PAGE_SIZE, true);
+        assert_eq!(inst.modify_ram_pages(0), Ok(()));
+        assert_eq!(host.state().holds, holds + 6);
+        // One reference per recorded range (the two list mappings hold
+        // two and one), given back with the instance.
+        let refs: u32 = host.state().object_refs.values().sum();
+        assert_eq!(refs, 5);
+        drop(inst);
+        assert!(host.state().object_refs.is_empty());
+    }
+
+    #[test]
+    fn ram_over_too_many_mappings_is_checked_at_every_change() {
+        // Guest RAM over more mappings than are recorded: the host cannot
+        // tell, so every change of the map is treated as one of the RAM.
+        let host = MockHost::default();
+        let pieces = 2 * MAX_BACKING_PIECES as u64;
+        let piece = RAM_SIZE / pieces;
+        for i in 0..pieces {
+            host.map(RAM + i * piece, piece, true);
+        }
+        host.map(DIRTY, RAM_SIZE / KQEMU_PAGE_SIZE, true);
+        host.map(LISTS[0], 0x2000, true);
+        host.map(LISTS[2], 0x1000, true);
+        assert_eq!(host.user_range_backing(RAM, RAM_SIZE), None);
+        let mut inst = instance(&host);
+        let mut state = KqemuCpuState::default();
+        let holds = host.state().holds;
+        host.touch_map();
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        assert_eq!(host.state().holds, holds + 3);
     }
 }

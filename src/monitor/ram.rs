@@ -444,6 +444,109 @@ pub struct Unlocked<T> {
 /// eviction never takes one of them in the middle of a fill.
 pub const MIN_LOCKED_PAGES: usize = 16;
 
+/// Holds an instance may have besides its list pages, dirty-byte pages
+/// and locked-page cache: the page `Monitor::lock` holds before the
+/// cache evicts for it, or the one a guest-table walk holds for a single
+/// access when the cache does not have it (never both at once).
+pub const TRANSIENT_HOLDS: usize = 1;
+
+/// How far past the pages it has locked an instance's cache may grow
+/// before it asks the module-wide budget again (once per EXEC): small
+/// enough that an idle instance does not sit on the budget, large enough
+/// that a guest filling its cache asks only every few EXECs.
+pub const LOCK_GROW_STEP: usize = 512;
+
+/// The INIT reservation was refused: the numbers for the log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetRefused {
+    /// Pages the instance needs at least.
+    pub needed: usize,
+    /// Pages promised to other instances already.
+    pub promised: usize,
+    /// The module-wide limit.
+    pub max: usize,
+}
+
+/// One instance's share of the module-wide
+/// [`LockBudget`](crate::host::LockBudget): the minimum
+/// reserved by INIT, plus what its locked-page cache was granted beyond
+/// [`MIN_LOCKED_PAGES`]. Given back on drop (close).
+///
+/// The instance never holds more than its share: its fixed holds and
+/// [`MIN_LOCKED_PAGES`] + [`TRANSIENT_HOLDS`] are in the reservation, and
+/// its cache's cap is [`MIN_LOCKED_PAGES`] + the grant. All shares
+/// together stay within the host's limit, so the module's held pages do.
+pub struct LockShare<H: Host> {
+    host: H,
+    reserved: usize,
+    granted: usize,
+}
+
+impl<H: Host> LockShare<H> {
+    /// Reserves `fixed` pages (held for the instance's whole life) plus
+    /// the cache's minimum and the transient holds.
+    pub fn reserve(host: &H, fixed: usize) -> Result<Self, BudgetRefused> {
+        let needed = fixed
+            .saturating_add(MIN_LOCKED_PAGES)
+            .saturating_add(TRANSIENT_HOLDS);
+        let max = host.max_locked_pages();
+        host.lock_budget()
+            .reserve(needed, max)
+            .map_err(|promised| BudgetRefused {
+                needed,
+                promised,
+                max,
+            })?;
+        Ok(Self {
+            host: host.clone(),
+            reserved: needed,
+            granted: 0,
+        })
+    }
+
+    /// Pages the share covers now.
+    pub fn pages(&self) -> usize {
+        self.reserved + self.granted
+    }
+
+    /// The cap of the locked-page cache for the next EXEC, given that
+    /// `locked` pages are locked now and the cache takes at most `slots`.
+    /// Past the limit (lowered by the administrator) the grant is given
+    /// back down to the reservation: the caller then unlocks its least
+    /// recently used pages, the guest runs on. Otherwise the cap grows to
+    /// `locked` + [`LOCK_GROW_STEP`] as far as the budget allows.
+    pub fn next_cap(&mut self, locked: usize, slots: usize) -> usize {
+        let budget = self.host.lock_budget();
+        let max = self.host.max_locked_pages();
+        let over = budget.promised().saturating_sub(max);
+        if over > 0 {
+            let back = over.min(self.granted);
+            budget.release(back);
+            self.granted -= back;
+        } else {
+            let want = locked
+                .saturating_add(LOCK_GROW_STEP)
+                .min(slots.max(MIN_LOCKED_PAGES))
+                .saturating_sub(MIN_LOCKED_PAGES);
+            if want > self.granted {
+                self.granted += budget.grant_up_to(want - self.granted, max);
+            } else {
+                // More room than a step (the cache was emptied when the
+                // caches were rebuilt after a map change): give it back.
+                budget.release(self.granted - want);
+                self.granted = want;
+            }
+        }
+        MIN_LOCKED_PAGES + self.granted
+    }
+}
+
+impl<H: Host> Drop for LockShare<H> {
+    fn drop(&mut self) {
+        self.host.lock_budget().release(self.pages());
+    }
+}
+
 /// Why a cache cannot be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheConfigError {
@@ -1117,6 +1220,53 @@ mod tests {
                 .err(),
             Some(CacheConfigError::Buckets)
         );
+    }
+
+    #[test]
+    fn lock_shares_stay_within_the_limit() {
+        let host = MockHost::default();
+        host.state().max_locked = Some(1000);
+        let fixed = 7;
+        let reserved = fixed + MIN_LOCKED_PAGES + TRANSIENT_HOLDS;
+        let mut a = LockShare::reserve(&host, fixed).expect("fits");
+        assert_eq!(a.pages(), reserved);
+        // The cap runs one step ahead of what is locked.
+        assert_eq!(a.next_cap(0, 8192), LOCK_GROW_STEP);
+        assert_eq!(a.next_cap(100, 8192), 100 + LOCK_GROW_STEP);
+        // Growth stops at the limit: 1000 - 24 reserved = 976 granted.
+        assert_eq!(a.next_cap(512, 8192), MIN_LOCKED_PAGES + 976);
+        assert_eq!(host.lock_budget().promised(), 1000);
+        assert_eq!(
+            LockShare::reserve(&host, fixed).err(),
+            Some(BudgetRefused {
+                needed: reserved,
+                promised: 1000,
+                max: 1000
+            })
+        );
+        // The administrator lowers the limit: the grant shrinks to fit.
+        host.state().max_locked = Some(600);
+        assert_eq!(a.next_cap(992, 8192), MIN_LOCKED_PAGES + 576);
+        assert_eq!(host.lock_budget().promised(), 600);
+        assert_eq!(a.next_cap(592, 8192), MIN_LOCKED_PAGES + 576, "no room");
+        // Below the reservation it cannot go: the cache keeps its minimum.
+        host.state().max_locked = Some(10);
+        assert_eq!(a.next_cap(592, 8192), MIN_LOCKED_PAGES);
+        assert_eq!(a.pages(), reserved);
+        // Room again; a cache that was emptied gives back all but a step,
+        // and the slots bound the cap.
+        host.state().max_locked = Some(100_000);
+        assert_eq!(a.next_cap(5000, 8192), 5000 + LOCK_GROW_STEP);
+        assert_eq!(a.next_cap(0, 8192), LOCK_GROW_STEP);
+        assert_eq!(a.next_cap(8000, 8192), 8192);
+        let b = LockShare::reserve(&host, 0).expect("fits");
+        assert_eq!(
+            host.lock_budget().promised(),
+            reserved + (8192 - MIN_LOCKED_PAGES) + b.pages()
+        );
+        drop(a);
+        drop(b);
+        assert_eq!(host.lock_budget().promised(), 0);
     }
 
     /// Model check: random inserts, lookups and removals against a simple

@@ -61,12 +61,33 @@ kqemu_switch_run:
     movw %fs, {A_HOST_FS}(%rbx)
     movw %gs, {A_HOST_GS}(%rbx)
     movw %ss, {A_HOST_SS}(%rbx)
+    /* RDFSBASE and friends when CR4.FSGSBASE is set on both sides of the
+     * switch (they #UD without it, SDM Vol. 2B RDFSBASE): cheaper than
+     * RDMSR/WRMSR. */
+    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
+    jz 1f
+    rdfsbase %rax
+    movq %rax, {A_HOST_FS_BASE}(%rbx)
+    jmp 2f
+1:
     movl ${MSR_FS_BASE}, %ecx
     rdmsr
     movl %eax, {A_HOST_FS_BASE}(%rbx)
     movl %edx, {A_HOST_FS_BASE}+4(%rbx)
+2:
     /* The host's GS base is in the area already (switch.rs reads it for
      * the IST stacks). */
+
+    /* No host breakpoint may fire in guest mode (it would reach the guest
+     * as its own #DB): DR7 is 0 while the guest runs. Written only when
+     * set: a write to DR7 is costly on some CPUs and hypervisors. */
+    movq %dr7, %rax
+    movq %rax, {A_HOST_DR7}(%rbx)
+    testq ${DR7_ENABLE_MASK}, %rax
+    jz 1f
+    xorl %eax, %eax
+    movq %rax, %dr7
+1:
 
     /* SYSENTER_CS = 0 while the guest runs: SYSENTER then raises #GP
      * instead of entering the host at ring 0 (SDM Vol. 2B SYSENTER). */
@@ -111,20 +132,27 @@ kqemu_switch_run:
     movw {A_GUEST_ES}(%rbx), %es
     movw {A_GUEST_FS}(%rbx), %fs
     movw {A_GUEST_GS}(%rbx), %gs
-    testq $1, {A_LOAD_BASES}(%rbx)
+    /* Both bases always: a null selector load leaves the base as it was
+     * (SDM Vol. 3A 3.4.4), and the guest must never run with the host's
+     * (GS: the kernel's per-CPU pointer, which a guest RDGSBASE would
+     * read). */
+    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
     jz 1f
+    movq {A_GUEST_FS_BASE}(%rbx), %rax
+    wrfsbase %rax
+    movq {A_GUEST_GS_BASE}(%rbx), %rax
+    wrgsbase %rax
+    jmp 2f
+1:
     movl ${MSR_FS_BASE}, %ecx
     movl {A_GUEST_FS_BASE}(%rbx), %eax
     movl {A_GUEST_FS_BASE}+4(%rbx), %edx
     wrmsr
-1:
-    testq $2, {A_LOAD_BASES}(%rbx)
-    jz 1f
     movl ${MSR_GS_BASE}, %ecx
     movl {A_GUEST_GS_BASE}(%rbx), %eax
     movl {A_GUEST_GS_BASE}+4(%rbx), %edx
     wrmsr
-1:
+2:
     movq %rbx, %rsp
     movq 8(%rsp), %rcx
     movq 16(%rsp), %rdx
@@ -194,6 +222,14 @@ kqemu_switch_exit_common:
     movw %es, {A_GUEST_ES}(%rbx)
     movw %fs, {A_GUEST_FS}(%rbx)
     movw %gs, {A_GUEST_GS}(%rbx)
+    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
+    jz 1f
+    rdfsbase %rax
+    movq %rax, {A_GUEST_FS_BASE}(%rbx)
+    rdgsbase %rax
+    movq %rax, {A_GUEST_GS_BASE}(%rbx)
+    jmp 6f
+1:
     movl ${MSR_FS_BASE}, %ecx
     rdmsr
     movl %eax, {A_GUEST_FS_BASE}(%rbx)
@@ -202,6 +238,46 @@ kqemu_switch_exit_common:
     rdmsr
     movl %eax, {A_GUEST_GS_BASE}(%rbx)
     movl %edx, {A_GUEST_GS_BASE}+4(%rbx)
+6:
+    /* #UD and #GP: the monitor decides from the first two bytes at CS:RIP
+     * (syscall, int n...). They are read here, through the mapping the
+     * CPU just fetched them from, while the shadow tables are loaded:
+     * reading them later from the host means walking the shadow tables
+     * and touching the guest page through the host's mappings, several
+     * more pages per exit. Both bytes on RIP's page only; a fault (an
+     * instruction fetch that failed, e.g. past CS's limit) is caught by
+     * the fixup at 2: below and leaves the bytes to the host. */
+    movq $0, {A_EXIT_CODE_LEN}(%rbx)
+    testq ${F_READ_CODE}, {A_FLAGS}(%rbx)
+    jz 5f
+    cmpq $6, {A_EXIT_VECTOR}(%rbx)
+    je 1f
+    cmpq $13, {A_EXIT_VECTOR}(%rbx)
+    jne 5f
+1:
+    movq {A_GUEST_RIP}(%rbx), %rsi
+    addq {A_CODE_BASE}(%rbx), %rsi
+    andq {A_CODE_MASK}(%rbx), %rsi
+    movl %esi, %eax
+    andl $0xfff, %eax
+    cmpl $0xfff, %eax
+    je 5f
+    movq $1, {A_READING_CODE}(%rbx)
+    testq ${F_STAC}, {A_FLAGS}(%rbx)
+    jz 8f
+    /* SMAP: a supervisor read of a user page needs EFLAGS.AC, for that
+     * read only (a TCG host keeps separate TLB entries while AC is set). */
+    stac
+    movzwl (%rsi), %eax
+    clac
+    jmp 9f
+8:
+    movzwl (%rsi), %eax
+9:
+    movw %ax, {A_EXIT_CODE}(%rbx)
+    movq $2, {A_EXIT_CODE_LEN}(%rbx)
+7:  /* Resumed here, AC clear, by the fixup when the read faulted. */
+    movq $0, {A_READING_CODE}(%rbx)
     jmp 5f
 
 2:  /* At CPL 0: inside the switch itself. */
@@ -209,8 +285,18 @@ kqemu_switch_exit_common:
     je 3f
     cmpq $18, 0(%rsp)
     je 4f
-    /* A fault while loading the guest's state: the run fails. */
     movq 64(%rsp), %rbx
+    testq $1, {A_READING_CODE}(%rbx)
+    jz 1f
+    /* The read of the guest's code above faulted: resume after it (the
+     * fault's frame took the place of the exit's, which is copied out
+     * already; nothing below reads it). */
+    leaq 7b(%rip), %rax
+    movq %rax, 16(%rsp)
+    andq $~{RFLAGS_AC}, 32(%rsp)
+    addq $16, %rsp
+    iretq
+1:  /* A fault while loading the guest's state: the run fails. */
     movq 0(%rsp), %rax
     movq %rax, {A_EXIT_VECTOR}(%rbx)
     movq 8(%rsp), %rax
@@ -244,6 +330,15 @@ kqemu_switch_exit_common:
     movw {A_HOST_ES}(%rbx), %es
     movw {A_HOST_FS}(%rbx), %fs
     movw {A_HOST_GS}(%rbx), %gs
+    /* CR4 is still the guest's here: F_FSGSBASE says both have it. */
+    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
+    jz 1f
+    movq {A_HOST_FS_BASE}(%rbx), %rax
+    wrfsbase %rax
+    movq {A_HOST_GS_BASE}(%rbx), %rax
+    wrgsbase %rax
+    jmp 2f
+1:
     movl ${MSR_FS_BASE}, %ecx
     movl {A_HOST_FS_BASE}(%rbx), %eax
     movl {A_HOST_FS_BASE}+4(%rbx), %edx
@@ -252,6 +347,7 @@ kqemu_switch_exit_common:
     movl {A_HOST_GS_BASE}(%rbx), %eax
     movl {A_HOST_GS_BASE}+4(%rbx), %edx
     wrmsr
+2:
     movl ${MSR_EFER}, %ecx
     movl {A_HOST_EFER}(%rbx), %eax
     movl {A_HOST_EFER}+4(%rbx), %edx
@@ -282,6 +378,12 @@ kqemu_switch_exit_common:
     andb $0xfd, 5(%rax,%rcx)
     ltr {A_HOST_TR}(%rbx)
     lldt {A_HOST_LDTR}(%rbx)
+    /* Host breakpoints last: a hit now finds the host's own tables. */
+    movq {A_HOST_DR7}(%rbx), %rax
+    testq ${DR7_ENABLE_MASK}, %rax
+    jz 1f
+    movq %rax, %dr7
+1:
     movq {A_HOST_RSP}(%rbx), %rsp
     popfq
     popq %r15

@@ -24,6 +24,28 @@ const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_SYSENTER_CS: u32 = 0x174;
 
+/// CR4.FSGSBASE (SDM Vol. 3A 2.5).
+const CR4_FSGSBASE: u64 = 1 << 16;
+/// DR7 L0-L3 and G0-G3: a breakpoint is armed only with one of them
+/// (SDM Vol. 3B 18.2.4).
+const DR7_ENABLE_MASK: u64 = 0xff;
+/// `SwitchArea::flags`: the switch uses RDFSBASE/WRFSBASE/RDGSBASE/
+/// WRGSBASE instead of the MSRs; it reads the code bytes of a #UD or #GP
+/// exit (`code_mask` is set); it needs STAC/CLAC to read them (CR4.SMAP).
+const F_FSGSBASE: u64 = 1 << 0;
+const F_READ_CODE: u64 = 1 << 1;
+const F_STAC: u64 = 1 << 2;
+/// RFLAGS.AC (SDM Vol. 1 3.4.3).
+const RFLAGS_AC: u64 = 1 << 18;
+/// CR4.SMAP, CR4.PCIDE and CR4.PGE (SDM Vol. 3A 2.5).
+const CR4_SMAP: u64 = 1 << 21;
+const CR4_PCIDE: u64 = 1 << 17;
+const CR4_PGE: u64 = 1 << 7;
+/// CPUID.(EAX=7,ECX=0):EBX bit 10: INVPCID (SDM Vol. 2A CPUID).
+const CPUID7_EBX_INVPCID: u32 = 1 << 10;
+/// INVPCID type 1, single-context invalidation (SDM Vol. 2A INVPCID).
+const INVPCID_SINGLE_CONTEXT: u64 = 1;
+
 /// Vectors for which the CPU pushes an error code (SDM Vol. 3A 6.15): 8,
 /// 10-14, 17, 21, 29, 30.
 const ERROR_CODE_VECTORS: u32 = (1 << 8)
@@ -110,11 +132,18 @@ pub struct SwitchArea {
     pub es: u64,
     pub fs: u64,
     pub gs: u64,
+    /// The FS and GS bases the guest runs with, loaded after its
+    /// selectors (for a 32-bit guest the base of the selector's
+    /// descriptor, 0 for a null selector) and read back at the exit.
     pub fs_base: u64,
     pub gs_base: u64,
-    /// Bit 0: write `fs_base` to IA32_FS_BASE after loading FS; bit 1: the
-    /// same for GS (64-bit guests, SDM Vol. 3A 3.4.4).
-    pub load_bases: u64,
+    /// [`F_FSGSBASE`], [`F_READ_CODE`], [`F_STAC`]; set by
+    /// [`CpuSwitcher::run`].
+    pub flags: u64,
+    /// CS base and the mask of the code size (`u32::MAX` or `u64::MAX`)
+    /// giving the linear address of RIP; 0: the exit reads no code.
+    pub code_base: u64,
+    pub code_mask: u64,
     pub shadow_cr3: u64,
     pub guest_cr0: u64,
     pub guest_cr4: u64,
@@ -139,6 +168,7 @@ pub struct SwitchArea {
     pub host_gs: u64,
     pub host_ss: u64,
     pub host_sysenter_cs: u64,
+    pub host_dr7: u64,
     pub exit_vector: u64,
     pub exit_error: u64,
     pub exit_cr2: u64,
@@ -148,22 +178,38 @@ pub struct SwitchArea {
     pub exit_fault_rip: u64,
     /// Bit 0: an NMI, bit 1: a machine check arrived inside the switch.
     pub pending: u64,
+    /// The two bytes at CS:RIP of a #UD or #GP exit (little endian) when
+    /// `exit_code_len` is 2, read while the guest's mapping was loaded.
+    pub exit_code: u64,
+    pub exit_code_len: u64,
+    /// 1 while the exit reads them (a fault there resumes the exit).
+    pub reading_code: u64,
 }
 
-/// The page that holds the switch area and the TSS.
+impl SwitchArea {
+    /// The two bytes at CS:RIP the exit read, if it did.
+    pub fn exit_code(&self) -> Option<[u8; 2]> {
+        (self.exit_code_len == 2).then_some([self.exit_code as u8, (self.exit_code >> 8) as u8])
+    }
+}
+
+/// The page that holds the switch area, the TSS and the CPU's
+/// bookkeeping (one page for all three: every run touches them, and under
+/// a TLB flushed by each CR3 switch every page touched costs a refill).
 #[repr(C, align(4096))]
 struct AreaPage {
     area: SwitchArea,
     /// The 64-bit TSS, as 32-bit words (its 64-bit fields are not 8-byte
     /// aligned).
     tss: [u32; TSS_SIZE / 4],
+    state: CpuState,
 }
 
 /// Bookkeeping of one CPU that the assembly never touches.
 #[derive(Clone, Copy, Debug)]
 struct CpuState {
-    /// GDT indices of guest descriptors written for the last run.
-    written: [u16; 6],
+    /// Guest descriptors (GDT index, descriptor) written for the last run.
+    written: [(u16, u64); 6],
     written_len: usize,
     /// Host CS index whose descriptor copy sits in the monitor GDT.
     host_cs_index: u16,
@@ -175,8 +221,8 @@ struct CpuState {
 }
 
 /// One CPU's switcher pages. The GDT, IDT, area page and stacks are
-/// mapped in the shadow address spaces; the table pages are the
-/// switcher's part of the shadow tree; the state is host-only.
+/// mapped in the shadow address spaces (supervisor-only); the table pages
+/// are the switcher's part of the shadow tree.
 #[repr(C, align(4096))]
 struct CpuBlock {
     gdt: [u64; 8192],
@@ -184,7 +230,6 @@ struct CpuBlock {
     area: AreaPage,
     stacks: [[u64; ENTRIES]; STACKS],
     tables: [[u64; ENTRIES]; TABLE_PAGES],
-    state: CpuState,
 }
 
 /// Pages of a block the guest's space maps: GDT (16), IDT, area, stacks.
@@ -246,7 +291,8 @@ core::arch::global_asm!(
     A_GUEST_GS = const offset_of!(SwitchArea, gs),
     A_GUEST_FS_BASE = const offset_of!(SwitchArea, fs_base),
     A_GUEST_GS_BASE = const offset_of!(SwitchArea, gs_base),
-    A_LOAD_BASES = const offset_of!(SwitchArea, load_bases),
+    A_FLAGS = const offset_of!(SwitchArea, flags),
+    A_HOST_DR7 = const offset_of!(SwitchArea, host_dr7),
     A_GUEST_RIP = const offset_of!(SwitchArea, rip),
     A_EXIT_VECTOR = const offset_of!(SwitchArea, exit_vector),
     A_EXIT_ERROR = const offset_of!(SwitchArea, exit_error),
@@ -254,11 +300,21 @@ core::arch::global_asm!(
     A_EXIT_KIND = const offset_of!(SwitchArea, exit_kind),
     A_EXIT_FAULT_RIP = const offset_of!(SwitchArea, exit_fault_rip),
     A_PENDING = const offset_of!(SwitchArea, pending),
+    A_EXIT_CODE = const offset_of!(SwitchArea, exit_code),
+    A_EXIT_CODE_LEN = const offset_of!(SwitchArea, exit_code_len),
+    A_READING_CODE = const offset_of!(SwitchArea, reading_code),
+    A_CODE_BASE = const offset_of!(SwitchArea, code_base),
+    A_CODE_MASK = const offset_of!(SwitchArea, code_mask),
     MSR_EFER = const MSR_EFER,
     MSR_FS_BASE = const MSR_FS_BASE,
     MSR_GS_BASE = const MSR_GS_BASE,
     MSR_SYSENTER_CS = const MSR_SYSENTER_CS,
     VECTOR_STUB_SIZE = const VECTOR_STUB_SIZE,
+    F_FSGSBASE = const F_FSGSBASE,
+    F_READ_CODE = const F_READ_CODE,
+    F_STAC = const F_STAC,
+    RFLAGS_AC = const RFLAGS_AC,
+    DR7_ENABLE_MASK = const DR7_ENABLE_MASK,
     ERROR_CODE_VECTORS = const ERROR_CODE_VECTORS,
     options(att_syntax)
 );
@@ -566,8 +622,8 @@ fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Resul
 
     b.gdt.fill(0);
     b.gdt[usize::from(cs_index)] = cs_desc;
-    b.state = CpuState {
-        written: [0; 6],
+    b.area.state = CpuState {
+        written: [(0, 0); 6],
         written_len: 0,
         host_cs_index: cs_index,
         pml4_entry: 0,
@@ -609,7 +665,7 @@ fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Resul
         )?;
     }
     let entry = map.pml4_entry();
-    b.state.pml4_entry = entry;
+    b.area.state.pml4_entry = entry;
     Ok(())
 }
 
@@ -658,13 +714,13 @@ impl CpuSwitcher {
 
     /// The PML4 entry the shadow's reserved slot must hold on this CPU.
     pub fn pml4_entry(&mut self) -> u64 {
-        self.block().state.pml4_entry
+        self.block().area.state.pml4_entry
     }
 
     /// GDT index reserved for the host's CS on this CPU: a guest selector
     /// with this index cannot be loaded natively.
     pub fn host_cs_index(&mut self) -> u16 {
-        self.block().state.host_cs_index
+        self.block().area.state.host_cs_index
     }
 
     /// The guest's registers, read and written by the run.
@@ -674,22 +730,27 @@ impl CpuSwitcher {
 
     /// Writes the guest descriptors for a run at their indices, after
     /// clearing those of the previous run. `None` when an index is taken
-    /// by the monitor.
+    /// by the monitor. The same descriptors as in the last run on this CPU
+    /// are left as they are (the CPU may have set their accessed bits,
+    /// which changes nothing for the guest).
     pub fn set_guest_descriptors(&mut self, descriptors: &[(u16, u64)]) -> Option<()> {
         let b = self.block();
-        let cs_index = b.state.host_cs_index;
-        for i in 0..b.state.written_len.min(6) {
-            let index = usize::from(b.state.written[i]);
-            b.gdt[index] = 0;
+        let cs_index = b.area.state.host_cs_index;
+        let last = b.area.state.written_len.min(6);
+        if descriptors.len() == last && *descriptors == b.area.state.written[..last] {
+            return Some(());
         }
-        b.state.written_len = 0;
+        for &(index, _) in &b.area.state.written[..last] {
+            b.gdt[usize::from(index)] = 0;
+        }
+        b.area.state.written_len = 0;
         for &(index, raw) in descriptors.iter().take(6) {
             if index == 0 || index == cs_index || index >= MONITOR_GDT_FIRST {
                 return None;
             }
             b.gdt[usize::from(index)] = raw;
-            b.state.written[b.state.written_len] = index;
-            b.state.written_len += 1;
+            b.area.state.written[b.area.state.written_len] = (index, raw);
+            b.area.state.written_len += 1;
         }
         Some(())
     }
@@ -719,11 +780,11 @@ impl CpuSwitcher {
         // The host's per-CPU pointer at the top of every stack (switch.S).
         // Written only when it changed: four stack pages less per run.
         let host_gs = read_gs_base();
-        if b.state.stack_gs != host_gs {
+        if b.area.state.stack_gs != host_gs {
             for stack in b.stacks.iter_mut() {
                 stack[ENTRIES - 2] = host_gs;
             }
-            b.state.stack_gs = host_gs;
+            b.area.state.stack_gs = host_gs;
         }
         let a = &mut b.area.area;
         a.mon_gdtr = PseudoDescriptor {
@@ -744,6 +805,22 @@ impl CpuSwitcher {
         a.host_cr0 = setup.host_cr0;
         a.host_cr4 = setup.host_cr4;
         a.host_efer = setup.host_efer;
+        // The base instructions only when CR4 has FSGSBASE on both sides
+        // of the switch: switch.S uses them under either CR4.
+        a.flags = if setup.cr4 & setup.host_cr4 & CR4_FSGSBASE != 0 {
+            F_FSGSBASE
+        } else {
+            0
+        };
+        if a.code_mask != 0 {
+            a.flags |= F_READ_CODE;
+        }
+        // The guest's CR4 is loaded while the exit reads its code.
+        if setup.cr4 & CR4_SMAP != 0 {
+            a.flags |= F_STAC;
+        }
+        a.exit_code_len = 0;
+        a.reading_code = 0;
         // Read once here for the stacks; switch.S restores it from the area.
         a.host_gs_base = host_gs;
         for slot in [
@@ -806,6 +883,69 @@ pub fn read_efer() -> u64 {
 
 fn read_gs_base() -> u64 {
     rdmsr(MSR_GS_BASE)
+}
+
+/// Whether the CPU has INVPCID (asked once).
+fn has_invpcid() -> bool {
+    const UNKNOWN: u8 = 0;
+    const YES: u8 = 1;
+    const NO: u8 = 2;
+    static HAS: AtomicU8 = AtomicU8::new(UNKNOWN);
+    match HAS.load(Ordering::Relaxed) {
+        YES => true,
+        NO => false,
+        _ => {
+            let max_leaf = core::arch::x86_64::__cpuid(0).eax;
+            let has = max_leaf >= 7
+                && core::arch::x86_64::__cpuid_count(7, 0).ebx & CPUID7_EBX_INVPCID != 0;
+            HAS.store(if has { YES } else { NO }, Ordering::Relaxed);
+            has
+        }
+    }
+}
+
+/// Drops what a run left in the TLB, on a host with CR4.PCIDE (`host_cr4`),
+/// right after the switch back. The shadow CR3 carries PCID 0, which the
+/// host uses too (FreeBSD's kernel pmap), and loading the host's CR3 back
+/// flushes only the host PCID's entries (SDM Vol. 3A 4.10.4.1). Nothing in
+/// the shadow is global (shadow leaves and the switcher's map never set
+/// G), so INVPCID's single-context invalidation of PCID 0 removes exactly
+/// the run's translations and paging-structure caches and keeps the host's
+/// global entries; toggling CR4.PGE, the fallback without INVPCID, flushes
+/// every entry of every PCID, globals included. Without PCIDE the CR3 load
+/// flushed every non-global entry already.
+///
+/// Interrupts must be disabled.
+pub fn flush_shadow_pcid(host_cr4: u64) {
+    if host_cr4 & CR4_PCIDE == 0 {
+        return;
+    }
+    if has_invpcid() {
+        // PCID 0; the linear address is unused by type 1.
+        let descriptor: [u64; 2] = [0, 0];
+        // SAFETY: INVPCID only drops TLB entries; CR4.PCIDE is set and the
+        // CPU has the instruction; the descriptor is 16 readable bytes.
+        unsafe {
+            core::arch::asm!(
+                "invpcid {0}, [{1}]",
+                in(reg) INVPCID_SINGLE_CONTEXT,
+                in(reg) descriptor.as_ptr(),
+                options(nostack, readonly)
+            )
+        };
+    } else if host_cr4 & CR4_PGE != 0 {
+        // SAFETY: writing back the host's CR4 with PGE toggled and
+        // restored, with interrupts disabled (the caller's contract).
+        unsafe {
+            core::arch::asm!(
+                "mov cr4, {0}",
+                "mov cr4, {1}",
+                in(reg) host_cr4 & !CR4_PGE,
+                in(reg) host_cr4,
+                options(nostack)
+            )
+        };
+    }
 }
 
 /// Disables interrupts and returns the previous RFLAGS.

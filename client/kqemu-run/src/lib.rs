@@ -2,10 +2,9 @@
 //!
 //! The library holds what the program does, against a [`System`] (the
 //! FreeBSD system calls it needs): the error-path checks of the device
-//! contract (notes/contract.md, ABI.md), one result line each,
-//! (`--guest`) a static Linux program run through KQEMU_EXEC with a
-//! minimal guest OS (guest.rs), and (`--linux`) one with the client core as
-//! its OS (linux.rs).
+//! contract (notes/contract.md, ABI.md), one result line each, and
+//! (`--linux`) a static Linux program run through KQEMU_EXEC with the
+//! client core as its OS (linux.rs).
 //! `src/main.rs` is the static FreeBSD/amd64 program that runs them with
 //! raw system calls; the unit tests run them against a model.
 #![no_std]
@@ -16,16 +15,14 @@ extern crate alloc;
 extern crate std;
 
 mod checks;
-mod guest;
 mod line;
 mod linux;
 
 pub use checks::{run_checks, Options};
-pub use guest::{run_guest, FxArea, GuestSystem};
 pub use kqemu_client::kqemu::CpuFeatures;
 pub use kqemu_client::Console;
 pub use line::Line;
-pub use linux::{run_linux, LINUX_RAM_SIZE};
+pub use linux::{run_linux, FxArea, GuestSystem, LinuxRun, STATUS_RUNNER_FAILED};
 
 /// FreeBSD errno values (sys/sys/errno.h) the checks expect.
 pub mod errno {
@@ -34,6 +31,7 @@ pub mod errno {
     pub const EIO: i32 = 5;
     pub const EFAULT: i32 = 14;
     pub const EBUSY: i32 = 16;
+    pub const EFBIG: i32 = 27;
     pub const EINVAL: i32 = 22;
     pub const ENOTTY: i32 = 25;
 }

@@ -1,34 +1,75 @@
 //! `kqemu-run --linux [--file PATH]... -- PROGRAM ARGS...`: runs a static
-//! Linux program (busybox) through `KQEMU_EXEC` with the client core
-//! (crate `kqemu-client`) as its operating system: processes, the memory
-//! file system, the system-call layer, and the exit handling and SOFTMMU
+//! Linux program (busybox, the guests of tests/guests; amd64, or i386 in
+//! compatibility mode) through `KQEMU_EXEC` with the client core (crate
+//! `kqemu-client`) as its operating system: processes, the memory file
+//! system, the system-call layer, and the exit handling and SOFTMMU
 //! emulator of `kqemu_client::kqemu`, the same code the testbed's monitor
 //! mode runs. Guest RAM comes from `mmap(MAP_ANON|MAP_SHARED)` and is
-//! guest-physical 0.. (`phys_base` 0, one SET_PHYS_MEM range).
+//! guest-physical 0.. (`phys_base` 0, one SET_PHYS_MEM range), as QEMU
+//! 0.11 allocates it on FreeBSD; the guest's FPU state is live around each
+//! EXEC (`fxrstor` before, `fxsave` after: ABI.md "Guest FPU contract").
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
-use alloc::vec;
+use alloc::vec::Vec;
 use core::ffi::CStr;
+use core::fmt::Write;
 
 use kqemu::abi::{
     KqemuCpuState, KqemuInit, KqemuPhysMem, KQEMU_INIT, KQEMU_IO_MEM_RAM, KQEMU_SET_PHYS_MEM,
 };
 use kqemu_client::kqemu::{step, CpuFeatures, ExecCpu, Step, StepError};
-use kqemu_client::{Arch, Console, GuestRam, Linux, LinuxConfig, MemFs, PagingFormat, Pid};
+use kqemu_client::{Arch, Console, GuestRam, Linux, LinuxConfig, MemFs, PagingFormat, Pid, Trap};
 
-use crate::guest::{region, say, FxArea, GuestSystem, STATUS_RUNNER_FAILED};
-use crate::O_RDWR;
+use crate::{Line, System, O_RDWR};
 
+/// What the runner needs beyond [`System`].
+pub trait GuestSystem: System {
+    /// The contents of the file at `path`; EFBIG past `max` bytes.
+    fn read_file(&mut self, path: &CStr, max: usize) -> Result<Vec<u8>, i32>;
+    /// Writes `bytes` to descriptor `fd` of this process (1 or 2).
+    fn write_fd(&mut self, fd: i32, bytes: &[u8]);
+    /// KQEMU_EXEC with `fpu` (an FXSAVE image) loaded into the FPU before
+    /// the ioctl and saved back from it after, with no code between.
+    fn exec(&mut self, fd: i32, state: &mut KqemuCpuState, fpu: &mut FxArea) -> Result<i32, i32>;
+}
+
+/// An FXSAVE/FXRSTOR image (SDM Vol. 1 10.5.1: 512 bytes, 16-aligned).
+#[repr(C, align(16))]
+pub struct FxArea(pub [u8; 512]);
+
+impl FxArea {
+    /// The power-on FPU state: FCW 0x037f, MXCSR 0x1f80 (SDM Vol. 1
+    /// 8.1.5, 10.2.3), everything else zero.
+    pub fn initial() -> FxArea {
+        let mut a = FxArea([0; 512]);
+        a.0[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        a.0[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        a
+    }
+}
+
+/// Exit status of a run this runner could not carry out.
+pub const STATUS_RUNNER_FAILED: i32 = 125;
 /// Guest RAM: 64 MiB (busybox and its files fit with room to spare).
-pub const LINUX_RAM_SIZE: u64 = 64 << 20;
+const LINUX_RAM_SIZE: u64 = 64 << 20;
 const PAGE: u64 = 4096;
 /// The largest file this runner copies into the guest's file system.
-const MAX_FILE: usize = 16 << 20;
+const MAX_FILE: usize = 64 << 20;
 /// Bound on EXEC calls of one run (a guest that never exits).
 const MAX_EXECS: u64 = 100_000_000;
 /// Mode of the files put into the guest (busybox must be executable).
 const FILE_MODE: u32 = 0o755;
+
+/// What `--linux` runs.
+pub struct LinuxRun<'a> {
+    /// Files read from this process's file system into the guest's, at the
+    /// same paths (PROGRAM is added when missing).
+    pub files: &'a [&'a CStr],
+    /// PROGRAM ARGS.
+    pub argv: &'a [&'a str],
+    pub envp: &'a [&'a str],
+}
 
 /// The FreeBSD process around the run: KQEMU_EXEC with the FPU state of
 /// the guest process live around the ioctl.
@@ -52,71 +93,118 @@ impl<S: GuestSystem> ExecCpu for FreeBsdCpu<'_, S> {
     }
 }
 
-/// Runs `argv[0]` with the files `files` (host paths = guest paths) in the
-/// guest's file system; the program's exit status (128 + signal when
-/// killed), or [`STATUS_RUNNER_FAILED`] with a line on stderr.
+fn say<S: GuestSystem>(sys: &mut S, args: core::fmt::Arguments<'_>) {
+    let mut line = Line::default();
+    let _ = line.write_fmt(args);
+    sys.write_fd(2, line.as_bytes());
+}
+
+/// An mmap(MAP_ANON|MAP_SHARED) region as a byte slice.
+fn region<'a, S: GuestSystem>(sys: &mut S, len: u64) -> Option<(u64, &'a mut [u8])> {
+    let addr = sys.mmap_shared_anon(len).ok()?;
+    // SAFETY: a fresh mapping of `len` readable, writable bytes that this
+    // process never unmaps.
+    Some((addr, unsafe {
+        core::slice::from_raw_parts_mut(addr as *mut u8, len as usize)
+    }))
+}
+
+/// The ABI of a static ELF program: ELFCLASS32 (EI_CLASS 1, System V gABI)
+/// is i386, anything else is left to the loader (amd64 or ENOEXEC).
+fn program_arch(elf: &[u8]) -> Arch {
+    match elf.get(4) {
+        Some(1) => Arch::I386,
+        _ => Arch::Amd64,
+    }
+}
+
+/// The guest's file system: `files`, read from this process's.
+fn guest_fs<S: GuestSystem>(sys: &mut S, files: &[&CStr]) -> Result<MemFs, i32> {
+    let mut fs = MemFs::new();
+    for path in files {
+        let Ok(name) = path.to_str() else {
+            say(sys, format_args!("kqemu-run: file name not UTF-8\n"));
+            return Err(STATUS_RUNNER_FAILED);
+        };
+        let data = match sys.read_file(path, MAX_FILE) {
+            Ok(data) => data,
+            Err(errno) => {
+                say(
+                    sys,
+                    format_args!("kqemu-run: cannot read {name}: errno {errno}\n"),
+                );
+                return Err(STATUS_RUNNER_FAILED);
+            }
+        };
+        if fs.add_file(name, &data, FILE_MODE).is_err() {
+            say(sys, format_args!("kqemu-run: cannot add {name}\n"));
+            return Err(STATUS_RUNNER_FAILED);
+        }
+    }
+    Ok(fs)
+}
+
+/// Runs `run.argv[0]` with `run.files` in the guest's file system; the
+/// program's exit status (128 + signal when killed), or
+/// [`STATUS_RUNNER_FAILED`] with a line on stderr. The last stderr line of
+/// a run that started is `kqemu-run: <n> EXEC calls, <c> cycles ...`: the
+/// cycles (RDTSC) from before the first EXEC to the exit of pid 1.
 pub fn run_linux<'a, S: GuestSystem>(
     sys: &'a mut S,
     console: Box<dyn Console + 'a>,
     features: CpuFeatures,
-    files: &[&CStr],
-    argv: &[&str],
-    envp: &[&str],
+    run: &LinuxRun<'_>,
 ) -> i32 {
-    let mut fs = MemFs::new();
-    let mut buf = vec![0u8; MAX_FILE];
-    for path in files {
-        let Ok(name) = path.to_str() else {
-            say(sys, format_args!("kqemu-run: file name not UTF-8\n"));
-            return STATUS_RUNNER_FAILED;
-        };
-        let len = match sys.read_file(path, &mut buf) {
-            Ok(len) if len < MAX_FILE => len,
-            _ => {
-                say(
-                    sys,
-                    format_args!("kqemu-run: cannot read {name} (or it is too large)\n"),
-                );
-                return STATUS_RUNNER_FAILED;
-            }
-        };
-        if fs.add_file(name, &buf[..len], FILE_MODE).is_err() {
-            say(sys, format_args!("kqemu-run: cannot add {name}\n"));
-            return STATUS_RUNNER_FAILED;
-        }
+    match run_linux_inner(sys, console, features, run) {
+        Ok(status) | Err(status) => status,
     }
-    drop(buf);
+}
+
+fn run_linux_inner<'a, S: GuestSystem>(
+    sys: &'a mut S,
+    console: Box<dyn Console + 'a>,
+    features: CpuFeatures,
+    run: &LinuxRun<'_>,
+) -> Result<i32, i32> {
+    let argv = run.argv;
+    let Some(&program) = argv.first() else {
+        return Err(STATUS_RUNNER_FAILED);
+    };
+    let fs = guest_fs(sys, run.files)?;
+    let arch = program_arch(fs.read_file(program).unwrap_or_default());
     let Some((_, ram)) = region(sys, LINUX_RAM_SIZE) else {
         say(sys, format_args!("kqemu-run: no memory for guest RAM\n"));
-        return STATUS_RUNNER_FAILED;
+        return Err(STATUS_RUNNER_FAILED);
     };
     let ram_addr = ram.as_ptr() as u64;
     let Ok(ram) = GuestRam::new(ram, 0) else {
         say(sys, format_args!("kqemu-run: guest RAM rejected\n"));
-        return STATUS_RUNNER_FAILED;
+        return Err(STATUS_RUNNER_FAILED);
     };
-    let mut config = LinuxConfig::new(Arch::Amd64, PagingFormat::Long4);
+    // A 64-bit guest OS: amd64 programs run in 64-bit mode, i386 ones in
+    // compatibility mode (client/src/kqemu.rs `state_of`).
+    let mut config = LinuxConfig::new(arch, PagingFormat::Long4);
     config.nx = features.nx;
     let mut linux = Linux::new(ram, fs, config, console);
-    if let Err(e) = linux.spawn(argv[0], argv, envp) {
+    if let Err(e) = linux.spawn(program, argv, run.envp) {
         say(
             sys,
-            format_args!("kqemu-run: cannot start {}: {e:?}\n", argv[0]),
+            format_args!("kqemu-run: cannot start {program}: {e:?}\n"),
         );
-        return STATUS_RUNNER_FAILED;
+        return Err(STATUS_RUNNER_FAILED);
     }
     // The client's side of INIT: dirty bytes (all dirty: this client
     // translates no code) and the three list pages.
-    let Some((dirty_addr, dirty)) = region(sys, LINUX_RAM_SIZE / PAGE) else {
-        return STATUS_RUNNER_FAILED;
+    let (Some((dirty_addr, dirty)), Some((lists, _))) =
+        (region(sys, LINUX_RAM_SIZE / PAGE), region(sys, 3 * PAGE))
+    else {
+        say(sys, format_args!("kqemu-run: no memory for INIT\n"));
+        return Err(STATUS_RUNNER_FAILED);
     };
     dirty.fill(0xff);
-    let Some((lists, _)) = region(sys, 3 * PAGE) else {
-        return STATUS_RUNNER_FAILED;
-    };
     let Ok(fd) = sys.open(c"/dev/kqemu", O_RDWR) else {
         say(sys, format_args!("kqemu-run: cannot open /dev/kqemu\n"));
-        return STATUS_RUNNER_FAILED;
+        return Err(STATUS_RUNNER_FAILED);
     };
     let mut init = KqemuInit {
         ram_base: ram_addr,
@@ -148,7 +236,8 @@ pub fn run_linux<'a, S: GuestSystem>(
             sys,
             format_args!("kqemu-run: KQEMU_INIT / SET_PHYS_MEM failed\n"),
         );
-        return STATUS_RUNNER_FAILED;
+        let _ = sys.close(fd);
+        return Err(STATUS_RUNNER_FAILED);
     }
     let mut cpu = FreeBsdCpu {
         sys,
@@ -157,12 +246,23 @@ pub fn run_linux<'a, S: GuestSystem>(
         fpu: BTreeMap::new(),
     };
     let mut failure = None;
-    for _ in 0..MAX_EXECS {
+    let mut execs = 0u64;
+    let start = cpu.sys.cycles();
+    let mut end = None;
+    while execs < MAX_EXECS {
         match step(&mut linux, &mut cpu, PagingFormat::Long4, &features) {
             Ok(Step::Idle) => break,
-            Ok(Step::Ran { .. }) => {
-                let alive = linux.pids();
-                cpu.fpu.retain(|p, _| alive.contains(p));
+            Ok(Step::Ran { trap, .. }) => {
+                execs += 1;
+                if end.is_none() && linux.exit_status().is_some() {
+                    end = Some(cpu.sys.cycles());
+                }
+                // FPU areas of processes that are gone (the monitor-mode
+                // runner does the same on its timer path).
+                if trap == Trap::Timer {
+                    let alive = linux.pids();
+                    cpu.fpu.retain(|p, _| alive.contains(p));
+                }
             }
             Err(e) => {
                 failure = Some(e);
@@ -170,33 +270,158 @@ pub fn run_linux<'a, S: GuestSystem>(
             }
         }
     }
+    let end = end.unwrap_or_else(|| cpu.sys.cycles());
     let sys = cpu.sys;
     let _ = sys.close(fd);
     match failure {
-        Some(StepError::Exec(errno)) => {
-            say(
-                sys,
-                format_args!("kqemu-run: KQEMU_EXEC failed: errno {errno}\n"),
-            );
-            STATUS_RUNNER_FAILED
-        }
-        Some(StepError::Softmmu { rip, code }) => {
-            say(sys, format_args!("kqemu-run: SOFTMMU at rip {rip:#x} ({code:02x?}), which this client cannot emulate\n"));
-            STATUS_RUNNER_FAILED
-        }
-        Some(StepError::Retval { retval, rip }) => {
-            say(
-                sys,
-                format_args!("kqemu-run: KQEMU_EXEC retval {retval:#x} at rip {rip:#x}\n"),
-            );
-            STATUS_RUNNER_FAILED
-        }
-        None => linux.exit_status().unwrap_or_else(|| {
+        Some(StepError::Exec(errno)) => say(
+            sys,
+            format_args!("kqemu-run: KQEMU_EXEC failed: errno {errno}\n"),
+        ),
+        Some(StepError::Softmmu { rip, code }) => say(
+            sys,
+            format_args!(
+                "kqemu-run: SOFTMMU at rip {rip:#x} ({code:02x?}), which this client cannot emulate\n"
+            ),
+        ),
+        Some(StepError::Retval { retval, rip }) => say(
+            sys,
+            format_args!("kqemu-run: KQEMU_EXEC retval {retval:#x} at rip {rip:#x}\n"),
+        ),
+        None => {}
+    }
+    let status = match (&failure, linux.exit_status()) {
+        (None, Some(status)) => Ok(status),
+        (None, None) => {
             say(
                 sys,
                 format_args!("kqemu-run: no exit status (deadlock or EXEC bound)\n"),
             );
-            STATUS_RUNNER_FAILED
-        }),
+            Err(STATUS_RUNNER_FAILED)
+        }
+        (Some(_), _) => Err(STATUS_RUNNER_FAILED),
+    };
+    say(
+        sys,
+        format_args!(
+            "kqemu-run: {execs} EXEC calls, {} cycles from the first EXEC to the exit of pid 1\n",
+            end.wrapping_sub(start)
+        ),
+    );
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::string::String;
+    use std::vec;
+
+    #[test]
+    fn elf_class_picks_the_abi() {
+        assert_eq!(program_arch(b"\x7fELF\x01\x01\x01"), Arch::I386);
+        assert_eq!(program_arch(b"\x7fELF\x02\x01\x01"), Arch::Amd64);
+        assert_eq!(program_arch(b""), Arch::Amd64);
+    }
+
+    /// A process with files but no /dev/kqemu.
+    struct NoDevice {
+        files: std::vec::Vec<(&'static CStr, std::vec::Vec<u8>)>,
+        stderr: String,
+    }
+
+    impl System for NoDevice {
+        fn open(&mut self, _: &CStr, _: i32) -> Result<i32, i32> {
+            Err(crate::errno::ENOENT)
+        }
+        fn close(&mut self, _: i32) -> Result<(), i32> {
+            Ok(())
+        }
+        fn ioctl(&mut self, _: i32, _: u32, _: *mut u8) -> Result<i32, i32> {
+            Err(crate::errno::ENOTTY)
+        }
+        fn mmap_shared_anon(&mut self, len: u64) -> Result<u64, i32> {
+            // Leaked on purpose: the runner keeps its mappings to the end.
+            Ok(vec![0u64; (len / 8) as usize].leak().as_mut_ptr() as u64)
+        }
+        fn munmap(&mut self, _: u64, _: u64) -> Result<(), i32> {
+            Ok(())
+        }
+        fn kldfind(&mut self, _: &CStr) -> Result<i32, i32> {
+            Err(crate::errno::ENOENT)
+        }
+        fn kldunload(&mut self, _: i32) -> Result<(), i32> {
+            Err(crate::errno::ENOENT)
+        }
+        fn print(&mut self, _: &[u8]) {}
+        fn cycles(&mut self) -> u64 {
+            0
+        }
+    }
+
+    impl GuestSystem for NoDevice {
+        fn read_file(&mut self, path: &CStr, max: usize) -> Result<Vec<u8>, i32> {
+            let (_, data) = self
+                .files
+                .iter()
+                .find(|(p, _)| *p == path)
+                .ok_or(crate::errno::ENOENT)?;
+            if data.len() > max {
+                return Err(crate::errno::EFBIG);
+            }
+            Ok(data.clone())
+        }
+        fn write_fd(&mut self, _: i32, bytes: &[u8]) {
+            self.stderr.push_str(&String::from_utf8_lossy(bytes));
+        }
+        fn exec(&mut self, _: i32, _: &mut KqemuCpuState, _: &mut FxArea) -> Result<i32, i32> {
+            Err(crate::errno::EIO)
+        }
+    }
+
+    struct Quiet;
+
+    impl Console for Quiet {
+        fn write(&mut self, _: i32, _: &[u8]) {}
+        fn now_ns(&mut self) -> u64 {
+            0
+        }
+        fn random(&mut self, buf: &mut [u8]) {
+            buf.fill(7);
+        }
+    }
+
+    fn run(sys: &mut NoDevice, argv: &[&str], files: &[&CStr]) -> i32 {
+        let run = LinuxRun {
+            files,
+            argv,
+            envp: &[],
+        };
+        run_linux(sys, Box::new(Quiet), CpuFeatures::default(), &run)
+    }
+
+    #[test]
+    fn a_missing_file_fails_the_run() {
+        let mut sys = NoDevice {
+            files: vec![],
+            stderr: String::new(),
+        };
+        assert_eq!(run(&mut sys, &["/x"], &[c"/x"]), STATUS_RUNNER_FAILED);
+        assert!(
+            sys.stderr.contains("cannot read /x: errno 2"),
+            "{}",
+            sys.stderr
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_program_fails_to_start() {
+        let mut sys = NoDevice {
+            files: vec![(c"/x", b"#!/bin/sh\n".to_vec())],
+            stderr: String::new(),
+        };
+        assert_eq!(run(&mut sys, &["/x"], &[c"/x"]), STATUS_RUNNER_FAILED);
+        assert!(sys.stderr.contains("cannot start /x"), "{}", sys.stderr);
     }
 }

@@ -9,10 +9,15 @@
 //! activator (sys/kern/imgact_elf.c) accepts the binary.
 //!
 //! Usage: `kqemu-run [--kldunload] [--exit-open] [--bench N]`. Exit status 0 when every check
-//! passed, 1 otherwise. `kqemu-run --guest PATH`: runs the static Linux/amd64
-//! program PATH through KQEMU_EXEC instead (guest.rs); its exit status.
-//! `kqemu-run --linux [--file PATH]... -- PROGRAM ARGS...`: runs a static
-//! Linux program (busybox) with the client core as its OS (linux.rs).
+//! passed, 1 otherwise. `kqemu-run --linux [--file PATH]... -- PROGRAM
+//! ARGS...`: runs a static Linux program (busybox, a tiny guest; amd64 or
+//! i386) through KQEMU_EXEC with the client core as its OS and this
+//! process's environment (linux.rs); its exit status.
+//! `kqemu-run --signal-close PATH`: a signal handler closes /dev/kqemu
+//! while PATH (a guest that spins) runs through KQEMU_EXEC; `--thread-close
+//! PATH`: a second thread does (concurrency.rs).
+//! `kqemu-run --ram-checks limit|munmap`: the guest-RAM error paths
+//! (ramchecks.rs).
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -26,10 +31,13 @@ use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::ffi::{c_char, CStr};
 
+mod concurrency;
+mod ramchecks;
+
 use kqemu::abi::{KqemuCpuState, KQEMU_EXEC};
 use kqemu_run::{
-    run_checks, run_guest, run_linux, Console, CpuFeatures, FxArea, GuestSystem, Options, System,
-    O_RDONLY,
+    errno, run_checks, run_linux, Console, CpuFeatures, FxArea, GuestSystem, LinuxRun, Options,
+    System, O_RDONLY,
 };
 
 /// __FreeBSD_version of the oldest release the binary is for (14.0).
@@ -78,6 +86,8 @@ const MAP_SHARED: u64 = 0x1;
 const MAP_ANON: u64 = 0x1000;
 
 const STDOUT: u64 = 1;
+/// read(2) asks for at least this much at a time when loading a file.
+const READ_CHUNK: usize = 1 << 20;
 /// Exit status when a check failed.
 const EXIT_FAILED: u64 = 1;
 /// Exit status of a Rust panic (a bug of this program).
@@ -266,8 +276,8 @@ fn cpu_features() -> CpuFeatures {
     }
 }
 
-/// `--linux [--file PATH]... -- PROGRAM ARGS...`
-fn linux_main(args: &[&CStr]) -> ! {
+/// `--linux [--file PATH]... -- PROGRAM ARGS...`, run with `envp`.
+fn linux_main(args: &[&CStr], envp: &[&str]) -> ! {
     let Some(split) = args.iter().position(|a| a.to_bytes() == b"--") else {
         usage()
     };
@@ -297,15 +307,12 @@ fn linux_main(args: &[&CStr]) -> ! {
         // SAFETY: RDTSC, as in `cycles`.
         seed: unsafe { core::arch::x86_64::_rdtsc() } | 1,
     };
-    let envp = ["PATH=/bin:/sbin:/usr/bin:/usr/sbin", "HOME=/"];
-    let status = run_linux(
-        &mut FreeBsd,
-        Box::new(console),
-        cpu_features(),
-        &files,
-        &argv,
-        &envp,
-    );
+    let run = LinuxRun {
+        files: &files,
+        argv: &argv,
+        envp,
+    };
+    let status = run_linux(&mut FreeBsd, Box::new(console), cpu_features(), &run);
     exit(status as u64)
 }
 
@@ -360,27 +367,29 @@ impl System for FreeBsd {
 }
 
 impl GuestSystem for FreeBsd {
-    fn read_file(&mut self, path: &CStr, buf: &mut [u8]) -> Result<usize, i32> {
+    fn read_file(&mut self, path: &CStr, max: usize) -> Result<Vec<u8>, i32> {
         let fd = self.open(path, O_RDONLY)?;
-        let mut len = 0;
+        let mut data: Vec<u8> = Vec::new();
         let result = loop {
-            let rest = &mut buf[len..];
-            if rest.is_empty() {
-                break Ok(len);
+            if data.len() == data.capacity() {
+                data.reserve(READ_CHUNK);
             }
+            let room = max + 1 - data.len();
+            let spare = data.spare_capacity_mut();
+            let want = spare.len().min(room);
             match syscall(
                 SYS_READ,
-                [
-                    fd as u64,
-                    rest.as_mut_ptr() as u64,
-                    rest.len() as u64,
-                    0,
-                    0,
-                    0,
-                ],
+                [fd as u64, spare.as_mut_ptr() as u64, want as u64, 0, 0, 0],
             ) {
-                Ok(0) => break Ok(len),
-                Ok(n) => len += n as usize,
+                Ok(0) => break Ok(data),
+                Ok(n) => {
+                    // SAFETY: read(2) wrote n <= want bytes of the spare
+                    // capacity right after the initialized ones.
+                    unsafe { data.set_len(data.len() + (n as usize).min(want)) };
+                    if data.len() > max {
+                        break Err(errno::EFBIG);
+                    }
+                }
                 Err(e) => break Err(e),
             }
         };
@@ -446,20 +455,59 @@ extern "C" fn start(sp: *const u64) -> ! {
         .map(|i| unsafe { CStr::from_ptr(*sp.add(1 + i) as *const c_char) })
         .collect();
     if args.first().is_some_and(|a| a.to_bytes() == b"--linux") {
-        linux_main(&args[1..]);
+        // envp[] follows argv[]'s NULL and ends with its own.
+        let mut envp: Vec<&str> = Vec::new();
+        let mut at = argc + 2;
+        loop {
+            // SAFETY: the kernel's initial stack layout: envp[] is a
+            // NULL-terminated array of NUL-terminated strings.
+            let ptr = unsafe { *sp.add(at) } as *const c_char;
+            if ptr.is_null() {
+                break;
+            }
+            // SAFETY: as above.
+            if let Ok(var) = unsafe { CStr::from_ptr(ptr) }.to_str() {
+                envp.push(var);
+            }
+            at += 1;
+        }
+        linux_main(&args[1..], &envp);
+    }
+    if args
+        .first()
+        .is_some_and(|a| a.to_bytes() == b"--signal-close")
+    {
+        match args[1..] {
+            [path] => exit(concurrency::signal_close(path) as u64),
+            _ => usage(),
+        }
+    }
+    if args
+        .first()
+        .is_some_and(|a| a.to_bytes() == b"--thread-close")
+    {
+        match args[1..] {
+            [path] => exit(concurrency::thread_close(path) as u64),
+            _ => usage(),
+        }
+    }
+    if args
+        .first()
+        .is_some_and(|a| a.to_bytes() == b"--ram-checks")
+    {
+        match args[1..] {
+            [which] => match ramchecks::RamChecks::parse(which.to_bytes()) {
+                Some(which) => exit(ramchecks::run(&mut FreeBsd, which) as u64),
+                None => usage(),
+            },
+            _ => usage(),
+        }
     }
     let mut options = Options::default();
     let mut bench_next = false;
-    let mut guest_next = false;
-    let mut guest = None;
     for i in 1..argc {
         // SAFETY: argv[1..argc] are NUL-terminated strings on the stack.
         let arg = unsafe { CStr::from_ptr(*sp.add(1 + i) as *const c_char) };
-        if guest_next {
-            guest_next = false;
-            guest = Some(arg);
-            continue;
-        }
         if bench_next {
             bench_next = false;
             options.bench = parse_count(arg.to_bytes()).unwrap_or_else(|| usage());
@@ -469,15 +517,11 @@ extern "C" fn start(sp: *const u64) -> ! {
             b"--kldunload" => options.kldunload = true,
             b"--exit-open" => options.exit_open = true,
             b"--bench" => bench_next = true,
-            b"--guest" => guest_next = true,
             _ => usage(),
         }
     }
-    if bench_next || guest_next {
+    if bench_next {
         usage();
-    }
-    if let Some(path) = guest {
-        exit(run_guest(&mut FreeBsd, path) as u64);
     }
     let (_, failed) = run_checks(&mut FreeBsd, options);
     exit(if failed == 0 { 0 } else { EXIT_FAILED })
@@ -485,8 +529,10 @@ extern "C" fn start(sp: *const u64) -> ! {
 
 fn usage() -> ! {
     FreeBsd.print(
-        b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N] | --guest PATH\n\
-          | --linux [--file PATH]... -- PROGRAM ARGS...\n",
+        b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N]\n\
+          | --linux [--file PATH]... -- PROGRAM ARGS...\n\
+          | --signal-close PATH\n\
+          | --ram-checks limit|munmap\n",
     );
     exit(2)
 }

@@ -364,6 +364,30 @@ pub fn user_data_selector_ok(selector: u16) -> bool {
     present && dpl3 && code_or_data && (!code || readable)
 }
 
+/// True when `selector` may be loaded into SS at CPL 3 (what `iretq` checks,
+/// SDM vol. 3A, 5.7 and vol. 2B MOV): RPL 3 naming the user data segment or a
+/// present DPL-3 writable data TLS descriptor. Anything else would fault in ring 0.
+pub fn user_stack_selector_ok(selector: u16) -> bool {
+    if selector & 7 != 3 {
+        return false;
+    }
+    let index = usize::from(selector >> 3);
+    if index == usize::from(USER_DS >> 3) {
+        return true;
+    }
+    if !(GDT_TLS_FIRST..GDT_TLS_FIRST + 3).contains(&index) {
+        return false;
+    }
+    // SAFETY: single CPU; reading our own GDT.
+    let desc = unsafe { (*addr_of_mut!(GDT))[index] };
+    let present = desc & (1 << 47) != 0;
+    let dpl3 = (desc >> 45) & 3 == 3;
+    let code_or_data = desc & (1 << 44) != 0;
+    let code = desc & (1 << 43) != 0;
+    let writable = desc & (1 << 41) != 0;
+    present && dpl3 && code_or_data && !code && writable
+}
+
 /// Selector of the user code segment for a 32-bit (compatibility mode)
 /// or 64-bit process.
 pub fn user_code_selector(compat: bool) -> u16 {

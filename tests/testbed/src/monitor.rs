@@ -30,7 +30,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
 use kqemu::abi::{
     ioc_len, KqemuCpuState, KqemuInit, KqemuPhysMem, Pod, KQEMU_EXEC, KQEMU_INIT, KQEMU_IO_MEM_RAM,
-    KQEMU_SET_PHYS_MEM,
+    KQEMU_RET_EXCEPTION, KQEMU_RET_INTR, KQEMU_SET_PHYS_MEM,
 };
 use kqemu::device::OpenFile;
 use kqemu::error::{Error, Result as KResult};
@@ -55,6 +55,42 @@ pub fn host_interrupt(vector: u64) {
     }
     TICK.store(true, Ordering::Relaxed);
     crate::freebsd::timer_tick();
+}
+
+/// The guest environment entry that asks for the host-breakpoint check
+/// (suite job `monitor  host-dr7`): EXECs run with a host execution
+/// breakpoint armed on the guest's first instruction until one ends with
+/// something else than `KQEMU_RET_INTR` (a timer tick may end the first
+/// ones before the guest ran an instruction). The world
+/// switch must keep host breakpoints out of guest mode (there a hit would
+/// reach the guest as its own #DB) and give the host its DR7 back.
+const HOST_DR7_CHECK: &str = "KQEMU_TESTBED_HOST_DR7=1";
+/// DR7 with breakpoint 0 enabled (L0) as an instruction breakpoint (R/W0
+/// and LEN0 = 0), and with every breakpoint disabled; bit 10 reads as 1
+/// (SDM Vol. 3B 18.2.4).
+const DR7_L0_EXECUTE: u64 = 1 << 0 | 1 << 10;
+const DR7_DISABLED: u64 = 1 << 10;
+/// #DB.
+const VECTOR_DEBUG: i32 = 1;
+
+/// Loads DR0 and DR7.
+///
+/// # Safety
+///
+/// `dr7` arms breakpoints only on addresses this kernel never executes
+/// or accesses.
+unsafe fn set_breakpoint(dr0: u64, dr7: u64) {
+    // SAFETY: the caller's contract; writing debug registers at CPL 0.
+    unsafe {
+        core::arch::asm!("mov dr0, {}", "mov dr7, {}", in(reg) dr0, in(reg) dr7, options(nostack))
+    };
+}
+
+fn read_dr7() -> u64 {
+    let v: u64;
+    // SAFETY: reading DR7 at CPL 0 has no side effect.
+    unsafe { core::arch::asm!("mov {}, dr7", out(reg) v, options(nomem, nostack)) };
+    v
 }
 
 /// This kernel as the monitor's host.
@@ -161,6 +197,10 @@ struct TestbedCpu<'f> {
     start: Option<u64>,
     trapped_at: u64,
     execs: u64,
+    /// [`HOST_DR7_CHECK`]: the check is still to be made, at this address
+    /// (the first EXEC's RIP).
+    host_breakpoint: bool,
+    breakpoint_at: Option<u64>,
 }
 
 impl ExecCpu for TestbedCpu<'_> {
@@ -176,8 +216,39 @@ impl ExecCpu for TestbedCpu<'_> {
         }
         let switched = self.runs.begin(pid);
         self.fpu.switch_to(pid);
+        let armed = self.host_breakpoint;
+        if armed {
+            let at = *self.breakpoint_at.get_or_insert(state.eip);
+            // SAFETY: the guest's first instruction, a user address this
+            // kernel never executes (the guests' CS base is 0).
+            unsafe { set_breakpoint(at, DR7_L0_EXECUTE) };
+        }
         let entered = x86::rdtsc();
-        ioctl(self.file, KQEMU_EXEC, state)?;
+        let done = ioctl(self.file, KQEMU_EXEC, state);
+        if armed {
+            let dr7 = read_dr7();
+            // SAFETY: disarms every breakpoint.
+            unsafe { set_breakpoint(0, DR7_DISABLED) };
+            if dr7 != DR7_L0_EXECUTE {
+                crate::fail(format_args!(
+                    "host DR7 {dr7:#x} after EXEC, was {DR7_L0_EXECUTE:#x}: not restored"
+                ));
+            }
+            if done.is_ok() && state.retval == KQEMU_RET_EXCEPTION | VECTOR_DEBUG {
+                crate::fail(format_args!(
+                    "a host breakpoint fired in guest mode at {:#x} (EXEC returned #DB)",
+                    state.eip
+                ));
+            }
+            if done.is_ok() && state.retval != KQEMU_RET_INTR {
+                self.host_breakpoint = false;
+                log!(
+                    "testbed: host breakpoint on the guest's first instruction: no #DB in guest mode, DR7 restored ({} EXECs)",
+                    self.execs + 1
+                );
+            }
+        }
+        done?;
         self.execs += 1;
         self.trapped_at = x86::rdtsc();
         self.runs.end(switched, self.trapped_at - entered);
@@ -270,6 +341,8 @@ impl MonitorRun<'_> {
             start: None,
             trapped_at: 0,
             execs: 0,
+            host_breakpoint: self.config.envp.iter().any(|e| e == HOST_DR7_CHECK),
+            breakpoint_at: None,
         };
         let features = CpuFeatures {
             nx: self.features.nx,

@@ -96,6 +96,21 @@ impl UserCpu {
         }
         self.fpu.switch_to(pid);
         self.load_segments(compat, ctx);
+        // An i386 program's own SS (a TLS entry it loaded) is checked
+        // against the TLS descriptors just written: the program may have
+        // changed the entry since. A bad one fails the `iret` on Linux,
+        // which sends SIGSEGV (#GP).
+        let ss = match ctx.ss_sel {
+            Some(sel) if compat && !cpu::user_stack_selector_ok(sel) => {
+                return Trap::Exception {
+                    vector: VECTOR_GP,
+                    error_code: u32::from(sel & !3),
+                    cr2: 0,
+                };
+            }
+            Some(sel) if compat => sel,
+            _ => USER_DS,
+        };
 
         let frame = trap::user_frame();
         let r = &ctx.regs;
@@ -122,7 +137,7 @@ impl UserCpu {
             cs: u64::from(cpu::user_code_selector(compat)),
             rflags: (ctx.rflags & RFLAGS_USER) | RFLAGS_IF | RFLAGS_FIXED,
             rsp,
-            ss: u64::from(USER_DS),
+            ss: u64::from(ss),
         };
         // SAFETY: the frame area is the top of the RSP0 stack, which only
         // the CPU (on a trap from ring 3) and this code write; the kernel
@@ -156,7 +171,7 @@ impl UserCpu {
         ];
         ctx.rip = f.rip;
         ctx.rflags = f.rflags;
-        self.save_segments(compat, ctx);
+        self.save_segments(compat, ctx, f.ss as u16);
 
         match f.vector {
             VECTOR_SYSCALL => Trap::Syscall,
@@ -189,6 +204,14 @@ impl UserCpu {
             cpu::set_tls_descriptors(descriptors);
             ctx.tls_changed = false;
         }
+        // An i386 program's own DS/ES; one that became invalid loads null,
+        // as Linux's fixup of the segment reload on return to user mode.
+        let data = |sel: Option<u16>| match sel {
+            Some(s) if compat && cpu::user_data_selector_ok(s) => s,
+            Some(_) if compat => 0,
+            _ => USER_DS,
+        };
+        let (ds, es) = (data(ctx.ds_sel), data(ctx.es_sel));
         let fs = if cpu::user_data_selector_ok(ctx.fs_sel) {
             ctx.fs_sel
         } else {
@@ -199,16 +222,17 @@ impl UserCpu {
         } else {
             0
         };
-        // SAFETY: USER_DS is the GDT's user data segment and fs/gs were
-        // checked to be null or valid DPL-3 data selectors; the kernel
+        // SAFETY: ds/es/fs/gs were checked to be null, USER_DS (the GDT's
+        // user data segment) or valid DPL-3 data selectors; the kernel
         // itself uses none of DS, ES, FS, GS.
         unsafe {
             asm!(
                 "mov ds, {ds:x}",
-                "mov es, {ds:x}",
+                "mov es, {es:x}",
                 "mov fs, {fs:x}",
                 "mov gs, {gs:x}",
-                ds = in(reg) u64::from(USER_DS),
+                ds = in(reg) u64::from(ds),
+                es = in(reg) u64::from(es),
                 fs = in(reg) u64::from(fs),
                 gs = in(reg) u64::from(gs),
                 options(nostack, preserves_flags)
@@ -237,14 +261,25 @@ impl UserCpu {
         }
     }
 
-    fn save_segments(&self, compat: bool, ctx: &mut UserContext) {
-        let (fs, gs): (u16, u16);
+    /// `ss`: the program's SS from the trap frame.
+    fn save_segments(&self, compat: bool, ctx: &mut UserContext, ss: u16) {
+        let (ds, es, fs, gs): (u16, u16, u16, u16);
         // SAFETY: reading segment selectors has no side effects.
         unsafe {
-            asm!("mov {0:x}, fs", "mov {1:x}, gs", out(reg) fs, out(reg) gs, options(nomem, nostack, preserves_flags))
+            asm!(
+                "mov {0:x}, ds", "mov {1:x}, es", "mov {2:x}, fs", "mov {3:x}, gs",
+                out(reg) ds, out(reg) es, out(reg) fs, out(reg) gs,
+                options(nomem, nostack, preserves_flags)
+            )
         };
         ctx.fs_sel = fs;
         ctx.gs_sel = gs;
+        if compat {
+            // The context keeps only what differs from the flat user data
+            // segment (UserContext).
+            let own = |sel: u16| (sel != USER_DS).then_some(sel);
+            (ctx.ds_sel, ctx.es_sel, ctx.ss_sel) = (own(ds), own(es), own(ss));
+        }
         if !compat {
             // The program may have changed its bases itself (wrfsbase is
             // allowed at ring 3 when CR4.FSGSBASE is set, as on Linux).

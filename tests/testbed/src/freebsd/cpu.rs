@@ -100,14 +100,19 @@ pub extern "C" fn critical_exit_kbi() {
         fail(format_args!("panic: critical_exit: td_critnest == 0"));
     }
     // SAFETY: the personality's thread block.
-    unsafe {
+    let preempt = unsafe {
         poke::<u32>(td + l.thread_td_critnest, n - 1);
-        if n == 1 && peek::<u8>(td + l.thread_td_owepreempt) != 0 {
+        let owed = n == 1 && peek::<u8>(td + l.thread_td_owepreempt) != 0;
+        if owed {
             poke::<u8>(td + l.thread_td_owepreempt, 0);
             DEFERRED_PREEMPTIONS.fetch_add(1, Ordering::Relaxed);
         }
-    }
+        owed
+    };
     LEFT.fetch_add(1, Ordering::Relaxed);
+    if preempt {
+        super::threads::preempt();
+    }
 }
 
 /// fpudna(): makes curthread's FPU state live and clears CR0.TS. The
@@ -174,6 +179,33 @@ pub fn tick() {
             let ast: i32 = peek(td + l.thread_td_ast);
             poke::<i32>(td + l.thread_td_ast, ast | (1 << l.TDA_SCHED));
         }
+    }
+}
+
+/// cpu_switch: `td` is curthread now, and owns the FPU (eager switching;
+/// threads.rs switched the registers).
+pub fn set_curthread(td: u64) {
+    let (l, pcpu, _) = booted();
+    // SAFETY: the personality's pcpu block and a live struct thread.
+    unsafe {
+        poke(pcpu + l.pcpu_pc_curthread, td);
+        poke(pcpu + l.pcpu_pc_fpcurthread, td);
+    }
+    THREAD.store(td, Ordering::Release);
+}
+
+/// signotify: a signal the thread can take is pending, so TDA_SIG goes
+/// into `td_ast` (ast_sched); the module's `should_yield` sees it and the
+/// signal is delivered on the way back to user mode.
+pub fn signal_ast(l: &Layout) {
+    let Some((_, _, td)) = parts() else {
+        return;
+    };
+    // SAFETY: the personality's thread block; this also runs in the tick,
+    // when the module is not inside a KPI call.
+    unsafe {
+        let ast: i32 = peek(td + l.thread_td_ast);
+        poke::<i32>(td + l.thread_td_ast, ast | (1 << l.TDA_SIG));
     }
 }
 

@@ -3,11 +3,33 @@
 //! (open, ioctl, close) that reach a driver's cdevsw as
 //! sys/fs/devfs/devfs_vnops.c and sys/kern/sys_generic.c route them.
 
-use super::kpi::{self, peek, poke, Block, DevFile, Device};
+use super::kpi::{self, peek, poke, Block, DevFile, Device, Kernel};
 use super::printf::c_string;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ffi::{c_int, c_void};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The references ioctls in progress hold on each open file (fget in
+/// kern_ioctl, fdrop after it), and whether its descriptor was closed
+/// meanwhile: then the last close (d_close, the cdevpriv destructor)
+/// waits for the last of those ioctls (devfs_fpdrop at the last fdrop).
+/// (file, ioctls running, closed); a Vec keeps its room, so the EXEC path
+/// does not allocate.
+static IN_IOCTL: spin::Mutex<Vec<(u32, u32, bool)>> = spin::Mutex::new(Vec::new());
+/// Closes that waited for an ioctl, for the end-of-run report.
+static DEFERRED_CLOSES: AtomicU64 = AtomicU64::new(0);
+
+/// curthread (`PCPU(curthread)`): the thread of the file operation.
+fn curthread(k: &Kernel) -> u64 {
+    // SAFETY: the personality's pcpu block.
+    unsafe { peek(k.pcpu.addr + k.layout.pcpu_pc_curthread) }
+}
+
+/// Closes that waited for a running ioctl so far.
+pub fn deferred_closes() -> u64 {
+    DEFERRED_CLOSES.load(Ordering::Relaxed)
+}
 
 /// ENAMETOOLONG (sys/sys/errno.h).
 const ENAMETOOLONG: c_int = 63;
@@ -255,7 +277,7 @@ pub fn open(name: &str, fflags: c_int) -> Result<u32, c_int> {
             },
         );
         k.current_file = Some(id);
-        Ok((id, cdev, d_open, k.thread.addr, l.S_IFCHR as c_int))
+        Ok((id, cdev, d_open, curthread(k), l.S_IFCHR as c_int))
     })?;
     // A NULL d_open is null_open (prep_cdevsw): success.
     let error = if d_open == 0 {
@@ -300,12 +322,19 @@ pub fn ioctl(id: u32, cmd: u64, data: *mut u8) -> c_int {
             return Err(l.ENODEV as c_int);
         }
         k.current_file = Some(id);
-        Ok((d_ioctl, f.cdev, f.fflags, k.thread.addr))
+        Ok((d_ioctl, f.cdev, f.fflags, curthread(k)))
     });
     let (d_ioctl, cdev, fflags, td) = match call {
         Ok(call) => call,
         Err(e) => return e,
     };
+    {
+        let mut running = IN_IOCTL.lock();
+        match running.iter_mut().find(|e| e.0 == id) {
+            Some(e) => e.1 += 1,
+            None => running.push((id, 1, false)),
+        }
+    }
     kpi::enter_kernel();
     super::cpu::before_ioctl();
     // SAFETY: d_ioctl_t of the driver, called as devfs does, with the
@@ -317,13 +346,42 @@ pub fn ioctl(id: u32, cmd: u64, data: *mut u8) -> c_int {
     };
     super::cpu::after_ioctl();
     kpi::with(|k| k.current_file = None);
+    let last = {
+        let mut running = IN_IOCTL.lock();
+        match running.iter().position(|e| e.0 == id) {
+            Some(i) if running[i].1 == 1 => running.swap_remove(i).2,
+            Some(i) => {
+                running[i].1 -= 1;
+                false
+            }
+            None => false,
+        }
+    };
+    if last {
+        DEFERRED_CLOSES.fetch_add(1, Ordering::Relaxed);
+        last_close(id);
+    }
     error
+}
+
+/// close(2) of a descriptor: the last reference goes now, or when the
+/// ioctls other threads run on the file return (FreeBSD holds the file
+/// for each ioctl: fget ... fdrop in kern_ioctl).
+pub fn close(id: u32) -> c_int {
+    let known = kpi::with(|k| k.files.contains_key(&id));
+    if known {
+        if let Some(entry) = IN_IOCTL.lock().iter_mut().find(|e| e.0 == id) {
+            entry.2 = true;
+            return 0;
+        }
+    }
+    last_close(id)
 }
 
 /// The last close of an open file: d_close when it is the device's last
 /// open file (devfs_close without D_TRACKCLOSE), then devfs_fpdrop runs
 /// the file's cdevpriv destructor.
-pub fn close(id: u32) -> c_int {
+fn last_close(id: u32) -> c_int {
     let found = kpi::with(|k| {
         let file = k.files.remove(&id)?;
         let last = !k.files.values().any(|f| f.cdev == file.cdev);
@@ -336,7 +394,7 @@ pub fn close(id: u32) -> c_int {
                 peek::<u64>(d.devsw + k.layout.cdevsw_d_close)
             });
         let close = (last && !file.dead && d_close != 0).then_some(d_close);
-        Some((file, close, k.thread.addr, k.layout.S_IFCHR as c_int))
+        Some((file, close, curthread(k), k.layout.S_IFCHR as c_int))
     });
     let Some((file, close, td, devtype)) = found else {
         return kpi::with(|k| k.layout.EBADF as c_int);

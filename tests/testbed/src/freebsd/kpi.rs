@@ -109,7 +109,26 @@ pub struct Books {
     pub held: BTreeMap<u64, (u64, u32, Block)>,
     pub holds: u64,
     pub unholds: u64,
+    /// Most holds outstanding at once (`holds - unholds`).
+    pub held_peak: u64,
+    /// Held pages the process unmapped (FreeBSD keeps them until the last
+    /// unhold): physical addresses still the module's.
+    pub orphans: Vec<u64>,
+    /// Orphans whose last hold is gone: frames for the process to free.
+    pub orphans_released: Vec<u64>,
     pub map_read_locks: i64,
+    /// References the module holds on vm_objects now.
+    pub object_refs: u64,
+    /// vm_map_lookup_entry calls, and the address ranges of the entries
+    /// they found: where the module watches the mappings.
+    pub lookups: u64,
+    pub watched: Vec<(u64, u64)>,
+    /// The last map change that touched no watched mapping, until the
+    /// next change: (`unholds`, `lookups`) when it happened.
+    pub quiet_change: Option<(u64, u64)>,
+    /// For each such change the module looked at (it looked up entries
+    /// before the next change): the pages it released meanwhile.
+    pub quiet_releases: Vec<u64>,
     pub cdevs_made: u32,
     pub cdevs_destroyed: u32,
     pub sysctls: u32,
@@ -173,6 +192,19 @@ pub struct Kernel {
     pub pcpu_set: u64,
     /// Page-table root of the process whose map the vm_map functions see.
     pub cr3: u64,
+    /// The process's map entries, by address: one per mapping mmap
+    /// made, split where munmap (or a MAP_FIXED mapping) cut one, as
+    /// FreeBSD clips entries.
+    pub entries: Vec<MapEntry>,
+    /// Live `struct vm_object`s: address → (block, references). Each
+    /// entry holds one (a cut entry's parts one each, as vm_map_clip_*
+    /// take one), the module those it took with vm_object_reference.
+    pub objects: BTreeMap<u64, (Block, u32)>,
+    /// Freed objects, the last freed reused first, as FreeBSD's object
+    /// zone (UMA's per-CPU caches) does: a mapping replaced by another at
+    /// the same address gets the old object's address back unless the
+    /// module kept the old object alive.
+    pub free_objects: Vec<Block>,
     pub books: Books,
     pub modules: Vec<Module>,
     pub devices: Vec<Device>,
@@ -186,6 +218,49 @@ pub struct Kernel {
     /// Console output not yet ended by a newline, and the lines so far.
     pub console_line: Vec<u8>,
     pub dmesg: Vec<String>,
+}
+
+/// One entry of the process's map: a `struct vm_map_entry` block the
+/// module reads (through vm_map_lookup_entry) and what it says.
+#[derive(Debug)]
+pub struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub object: u64,
+    pub offset: u64,
+    pub protection: u8,
+    block: Block,
+}
+
+impl MapEntry {
+    fn new(
+        layout: &Layout,
+        start: u64,
+        end: u64,
+        object: u64,
+        offset: u64,
+        protection: u8,
+    ) -> Self {
+        let block = Block::new(layout.sizeof_vm_map_entry, 64);
+        // SAFETY: a fresh zeroed block of the header's struct vm_map_entry
+        // size; the offsets come from the same headers (eflags stay 0: no
+        // submap, no guard).
+        unsafe {
+            poke(block.addr + layout.vm_map_entry_start, start);
+            poke(block.addr + layout.vm_map_entry_end, end);
+            poke(block.addr + layout.vm_map_entry_object, object);
+            poke(block.addr + layout.vm_map_entry_offset, offset);
+            poke(block.addr + layout.vm_map_entry_protection, protection);
+        }
+        MapEntry {
+            start,
+            end,
+            object,
+            offset,
+            protection,
+            block,
+        }
+    }
 }
 
 struct Global(spin::Mutex<Option<Kernel>>);
@@ -202,7 +277,14 @@ static STACK_CHK_GUARD: AtomicU64 = AtomicU64::new(0);
 const KVA_LAYOUT_AT: usize = 0;
 const SYSCTL_HW_AT: usize = 256;
 const PCPU_SET_AT: usize = 1024;
-const KERNEL_DATA_SIZE: usize = 1032;
+const MAX_USER_WIRED_AT: usize = 1032;
+const KERNEL_DATA_SIZE: usize = 1040;
+/// `vm_page_max_user_wired` (vm.max_user_wired): FreeBSD sets it to a
+/// third of the free pages at boot (sys/vm/vm_pageout.c
+/// vm_pageout_init); the testbed's guest has 512 MiB.
+const MAX_USER_WIRED: u64 = (512 << 20) / PAGE_SIZE / 3;
+/// The loader tunable of the module's own limit on held pages.
+const MAX_LOCKED_TUNABLE: &str = "hw.kqemu.max_locked_pages";
 static KERNEL_DATA: [AtomicU64; KERNEL_DATA_SIZE / 8] =
     [const { AtomicU64::new(0) }; KERNEL_DATA_SIZE / 8];
 
@@ -259,6 +341,7 @@ pub fn boot(release: u32, kenv: Vec<(String, String)>) -> Option<()> {
             );
         }
     }
+    KERNEL_DATA[MAX_USER_WIRED_AT / 8].store(MAX_USER_WIRED, Ordering::Relaxed);
     super::cpu::boot(layout, pcpu.addr, thread.addr);
     STACK_CHK_GUARD.store(crate::x86::rdtsc().rotate_left(29) | 1, Ordering::Relaxed);
     *KERNEL.0.lock() = Some(Kernel {
@@ -271,6 +354,9 @@ pub fn boot(release: u32, kenv: Vec<(String, String)>) -> Option<()> {
         kva_layout,
         pcpu_set: kernel_data(PCPU_SET_AT),
         cr3: 0,
+        entries: Vec::new(),
+        objects: BTreeMap::new(),
+        free_objects: Vec::new(),
         books: Books::default(),
         modules: Vec::new(),
         devices: Vec::new(),
@@ -319,10 +405,14 @@ pub fn resolve(name: &str) -> Option<u64> {
         "sysctl___hw" => return Some(hw),
         "kva_layout" if release >= 15 => return Some(kva),
         "__start_set_pcpu" | "__stop_set_pcpu" => return Some(pcpu_set),
+        "vm_page_max_user_wired" => return Some(kernel_data(MAX_USER_WIRED_AT)),
         "__stack_chk_fail" => __stack_chk_fail as *const () as usize,
         "_vm_map_lock_read" => _vm_map_lock_read as *const () as usize,
         "_vm_map_unlock_read" => _vm_map_unlock_read as *const () as usize,
         "vm_map_check_protection" => vm_map_check_protection as *const () as usize,
+        "vm_map_lookup_entry" => vm_map_lookup_entry as *const () as usize,
+        "vm_object_reference" => vm_object_reference as *const () as usize,
+        "vm_object_deallocate" => vm_object_deallocate as *const () as usize,
         "vm_fault_quick_hold_pages" => vm_fault_quick_hold_pages as *const () as usize,
         "vm_page_unhold_pages" => vm_page_unhold_pages as *const () as usize,
         "malloc_aligned" => malloc_aligned as *const () as usize,
@@ -392,6 +482,238 @@ impl Kernel {
         }
         None
     }
+
+    /// The 4 KiB page-table entries of the user pages in `start..end`
+    /// that map a page the module holds: (entry's kernel address, frame).
+    /// Absent tables are skipped whole, so any range is walked quickly.
+    pub fn held_ptes(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let held: Vec<u64> = self.books.held.values().map(|e| e.0).collect();
+        let mut found = Vec::new();
+        let end = end.min(kqemu::abi::USER_ADDRESS_LIMIT);
+        let mut va = start & !(PAGE_SIZE - 1);
+        // Each pass moves `va` past at least one page: at most one pass per
+        // page-table entry of the range that is present.
+        while va < end && self.cr3 != 0 {
+            let mut table = self.cr3 & PTE_FRAME;
+            let mut step = PAGE_SIZE;
+            for level in (0..4).rev() {
+                let at = crate::mem::phys_to_virt(table) + ((va >> (12 + 9 * level)) & 0x1ff) * 8;
+                // SAFETY: page tables live in RAM, which the DMAP maps.
+                let entry: u64 = unsafe { peek(at) };
+                step = 1u64 << (12 + 9 * level);
+                if entry & PTE_P == 0 || (level > 0 && entry & PTE_PS != 0) {
+                    break;
+                }
+                if level == 0 {
+                    if held.contains(&(entry & PTE_FRAME)) {
+                        found.push((at, entry & PTE_FRAME));
+                    }
+                    break;
+                }
+                table = entry & PTE_FRAME;
+            }
+            va = (va & !(step - 1)).saturating_add(step);
+        }
+        found
+    }
+
+    /// Points the page-table entry at `pte` (from `held_ptes`) to
+    /// `frame` instead, its other bits unchanged.
+    pub fn replace_frame(&mut self, pte: u64, frame: u64) {
+        // SAFETY: an entry of the process's page tables, through the DMAP.
+        unsafe { poke(pte, (peek::<u64>(pte) & !PTE_FRAME) | (frame & PTE_FRAME)) };
+    }
+
+    /// mmap(2) mapped `start..start+len` with `prot` (PROT_* has the
+    /// VM_PROT_* values): a new entry with an object of its own, replacing
+    /// what was mapped there (MAP_FIXED).
+    pub fn mapped(&mut self, start: u64, len: u64, prot: u64) {
+        let end = start.saturating_add(len);
+        self.note_map_change(start, end);
+        self.remove_entries(start, end);
+        let object = self
+            .free_objects
+            .pop()
+            .unwrap_or_else(|| Block::new(self.layout.sizeof_vm_object, 64));
+        self.objects.insert(object.addr, (object, 1));
+        let entry = MapEntry::new(self.layout, start, end, object.addr, 0, prot as u8);
+        let at = self.entries.partition_point(|e| e.start < start);
+        self.entries.insert(at, entry);
+        self.map_changed();
+    }
+
+    /// munmap(2) of `start..start+len` (whole pages, as FreeBSD rounds
+    /// the end up).
+    pub fn unmapped(&mut self, start: u64, len: u64) {
+        let end = start
+            .saturating_add(len)
+            .checked_next_multiple_of(PAGE_SIZE)
+            .unwrap_or(u64::MAX);
+        self.note_map_change(start, end);
+        self.remove_entries(start, end);
+        self.map_changed();
+    }
+
+    /// Removes `start..end` from the entries, keeping the parts of a cut
+    /// entry outside it (same object, the offsets moved with the start).
+    fn remove_entries(&mut self, start: u64, end: u64) {
+        let mut kept = Vec::with_capacity(self.entries.len() + 1);
+        for e in core::mem::take(&mut self.entries) {
+            if e.end <= start || end <= e.start {
+                kept.push(e);
+                continue;
+            }
+            if e.start < start {
+                self.object_ref(e.object);
+                kept.push(MapEntry::new(
+                    self.layout,
+                    e.start,
+                    start,
+                    e.object,
+                    e.offset,
+                    e.protection,
+                ));
+            }
+            if end < e.end {
+                self.object_ref(e.object);
+                let offset = e.offset + (end - e.start);
+                kept.push(MapEntry::new(
+                    self.layout,
+                    end,
+                    e.end,
+                    e.object,
+                    offset,
+                    e.protection,
+                ));
+            }
+            // After the parts took theirs: the object lives on with them.
+            self.object_release(e.object);
+            e.block.free();
+        }
+        self.entries = kept;
+    }
+
+    /// One more reference on a live object.
+    fn object_ref(&mut self, object: u64) {
+        match self.objects.get_mut(&object) {
+            Some((_, refs)) => *refs += 1,
+            None => fail(format_args!(
+                "vm_object_reference: {object:#x} is not a live object"
+            )),
+        }
+    }
+
+    /// One reference less; the last one frees the object.
+    fn object_release(&mut self, object: u64) {
+        let Some((block, refs)) = self.objects.get_mut(&object) else {
+            fail(format_args!(
+                "vm_object_deallocate: {object:#x} is not a live object"
+            ))
+        };
+        *refs -= 1;
+        if *refs == 0 {
+            let block = *block;
+            self.objects.remove(&object);
+            self.free_objects.push(block);
+        }
+    }
+
+    /// Books a change of `start..end` for the unrelated-map-change
+    /// check: settles the previous quiet change, and starts one if the
+    /// module watches mappings and this change touches none of their
+    /// addresses.
+    fn note_map_change(&mut self, start: u64, end: u64) {
+        let b = &mut self.books;
+        if let Some((unholds, lookups)) = b.quiet_change.take() {
+            if b.lookups > lookups {
+                b.quiet_releases.push(b.unholds - unholds);
+            }
+        }
+        let touches_watched = b.watched.iter().any(|&(s, e)| s < end && start < e);
+        if !b.watched.is_empty() && !touches_watched {
+            b.quiet_change = Some((b.unholds, b.lookups));
+        }
+    }
+
+    /// The process's map changed (mmap, munmap): vm_map_lock() increments
+    /// `timestamp` on every exclusive lock, i.e. every change of the map
+    /// (sys/vm/vm_map.c `_vm_map_lock`).
+    fn map_changed(&mut self) {
+        let at = self.vm_map() + self.layout.vm_map_timestamp;
+        // SAFETY: the `u_int timestamp` of the process's struct vm_map,
+        // inside the vmspace block.
+        unsafe { poke::<u32>(at, peek::<u32>(at).wrapping_add(1)) };
+    }
+}
+
+/// The personality's checks of the module's own bound on held pages, made
+/// when the loader set `hw.kqemu.max_locked_pages`: the most holds
+/// outstanding at once stayed within it, and the module's log line
+/// naming it, if it printed one (a refused INIT).
+pub fn ram_checks(checks: &mut super::Checks) {
+    map_change_checks(checks);
+    let (cap, peak, line) = with(|k| {
+        let cap = k
+            .kenv
+            .iter()
+            .find(|(n, _)| n == MAX_LOCKED_TUNABLE)
+            .and_then(|(_, v)| super::sysctl::parse_int(v));
+        let line = k
+            .dmesg
+            .iter()
+            .find(|l| l.contains(MAX_LOCKED_TUNABLE))
+            .cloned();
+        (cap, k.books.held_peak, line)
+    });
+    let Some(cap) = cap else { return };
+    // 0 asks the module for its default, half of vm.max_user_wired.
+    let cap = if cap == 0 {
+        (MAX_USER_WIRED / 2) as i64
+    } else {
+        cap
+    };
+    checks.check(
+        i64::try_from(peak).is_ok_and(|p| p <= cap),
+        "held-peak",
+        format_args!("at most {peak} pages held at once, {MAX_LOCKED_TUNABLE}={cap}"),
+    );
+    if let Some(line) = line {
+        checks.check(
+            line.contains("ENOMEM"),
+            "log-max-locked-pages",
+            format_args!("{line}"),
+        );
+    }
+}
+
+/// The kenv variable (set with the testbed's `--tunable`) that asks for
+/// the unrelated-map-change check: only a client that makes such changes
+/// between EXECs on purpose (kqemu-run --ram-checks munmap) can be held
+/// to it.
+const MAP_CHANGE_CHECKS: &str = "testbed.map_change_checks";
+
+/// Changes of the process's map that touched no mapping the module
+/// watches (its guest RAM, dirty bytes, list pages), and that the module
+/// looked at (its map timestamp moved): it released no page after them,
+/// i.e. kept its caches and its list pages.
+fn map_change_checks(checks: &mut super::Checks) {
+    let (wanted, releases) = with(|k| {
+        let wanted = k
+            .kenv
+            .iter()
+            .any(|(n, v)| n == MAP_CHANGE_CHECKS && v == "1");
+        (wanted, k.books.quiet_releases.clone())
+    });
+    if wanted {
+        checks.check(
+            !releases.is_empty() && releases.iter().all(|&r| r == 0),
+            "unrelated-map-change-keeps-holds",
+            format_args!(
+                "{} unrelated map changes the module looked at; pages released after each: {releases:?}",
+                releases.len()
+            ),
+        );
+    }
 }
 
 /// `_vm_map_lock_read(map, file, line)`: the vm_map_lock_read() macro.
@@ -433,6 +755,57 @@ extern "C" fn vm_map_check_protection(map: u64, start: u64, end: u64, protection
             page += PAGE_SIZE;
         }
         1
+    })
+}
+
+/// vm_map_lookup_entry (sys/vm/vm_map.c): TRUE and the entry containing
+/// `addr`; otherwise FALSE and the entry before `addr`, or the map's
+/// header when there is none. The map must be locked
+/// (VM_MAP_ASSERT_LOCKED in FreeBSD).
+extern "C" fn vm_map_lookup_entry(map: u64, addr: u64, entry: *mut u64) -> c_int {
+    let (found, hit) = with(|k| {
+        k.check_map(map, "vm_map_lookup_entry");
+        if k.books.map_read_locks <= 0 {
+            fail(format_args!("vm_map_lookup_entry: map not locked"));
+        }
+        k.books.lookups += 1;
+        if let Some(e) = k.entries.iter().find(|e| e.start <= addr && addr < e.end) {
+            if !k.books.watched.contains(&(e.start, e.end)) {
+                k.books.watched.push((e.start, e.end));
+            }
+            return (e.block.addr, 1);
+        }
+        let before = k.entries.iter().rev().find(|e| e.end <= addr);
+        (
+            before.map_or(map + k.layout.vm_map_header, |e| e.block.addr),
+            0,
+        )
+    });
+    // SAFETY: the caller's `vm_map_entry_t *`, as FreeBSD writes it.
+    unsafe { poke(entry as u64, found) };
+    hit
+}
+
+/// vm_object_reference (sys/vm/vm_object.c): the object stays alive
+/// until the matching vm_object_deallocate.
+extern "C" fn vm_object_reference(object: u64) {
+    with(|k| {
+        k.object_ref(object);
+        k.books.object_refs += 1;
+    })
+}
+
+/// vm_object_deallocate (sys/vm/vm_object.c): gives back a reference the
+/// module took.
+extern "C" fn vm_object_deallocate(object: u64) {
+    with(|k| {
+        if k.books.object_refs == 0 {
+            fail(format_args!(
+                "vm_object_deallocate: the module holds no object reference"
+            ));
+        }
+        k.books.object_refs -= 1;
+        k.object_release(object);
     })
 }
 
@@ -484,6 +857,7 @@ extern "C" fn vm_fault_quick_hold_pages(
 /// page, as FreeBSD's vm_page_array has).
 fn hold(k: &mut Kernel, phys: u64) -> u64 {
     k.books.holds += 1;
+    k.books.held_peak = k.books.held_peak.max(k.books.holds - k.books.unholds);
     if let Some((m, entry)) = k.books.held.iter_mut().find(|(_, e)| e.0 == phys) {
         entry.1 += 1;
         return *m;
@@ -509,8 +883,12 @@ extern "C" fn vm_page_unhold_pages(ma: *const u64, count: c_int) {
             k.books.unholds += 1;
             entry.1 -= 1;
             if entry.1 == 0 {
-                if let Some((_, _, block)) = k.books.held.remove(&m) {
+                if let Some((phys, _, block)) = k.books.held.remove(&m) {
                     block.free();
+                    if let Some(i) = k.books.orphans.iter().position(|&p| p == phys) {
+                        k.books.orphans.swap_remove(i);
+                        k.books.orphans_released.push(phys);
+                    }
                 }
             }
         }

@@ -5,7 +5,11 @@
 //! module_register_init → MOD_LOAD → make_dev_s), then runs a static
 //! FreeBSD/amd64 program (`kqemu-run`) at ring 3 whose FreeBSD system
 //! calls reach the module's cdevsw as on FreeBSD. At the end the module
-//! is unloaded and the books must show nothing left behind.
+//! is unloaded and the books must show nothing left behind. The process
+//! has signals (signal.rs: handlers, the interval timer, sigreturn) and
+//! threads (threads.rs: thr_new, preemption inside the module), so a
+//! descriptor can be closed while an ioctl on it runs (devfs.rs keeps the
+//! file until that ioctl returns).
 //!
 //! Guest files: `/boot/modules/kqemu.ko`, `/boot/testbed-release` (the
 //! FreeBSD release the module was built for: 14 or 15) and
@@ -18,7 +22,9 @@ mod kpi;
 mod layout;
 mod printf;
 mod process;
+mod signal;
 mod sysctl;
+mod threads;
 
 use crate::channel::Channel;
 use crate::cpu::Features;
@@ -380,6 +386,27 @@ impl KldRun<'_> {
             checks.check(e == 0, "kldunload-at-end", format_args!("error {e}"));
         }
         books_checks(&mut checks);
+        kpi::ram_checks(&mut checks);
+        if let Some((created, exited, slices, in_module)) = threads::summary() {
+            checks.check(
+                created == exited,
+                "threads",
+                format_args!(
+                    "{created} made, {exited} gone; {slices} slices, {in_module} of them begun \
+                     inside the module; {} closes waited for an ioctl",
+                    devfs::deferred_closes()
+                ),
+            );
+        }
+        if let Some((posted, delivered, returned)) = signal::summary() {
+            checks.check(
+                delivered > 0 && delivered == returned,
+                "signals",
+                format_args!(
+                    "{posted} posted, {delivered} delivered to handlers, {returned} sigreturns"
+                ),
+            );
+        }
         finish(&mut checks, channel, status, cycles)
     }
 
@@ -495,6 +522,7 @@ fn after_load_checks(checks: &mut Checks, mode: u32, gid: u32) {
 /// (monitor::host_interrupt): the scheduler's view of it.
 pub fn timer_tick() {
     cpu::tick();
+    signal::clock();
 }
 
 /// The books after unload: nothing may be left.
@@ -524,7 +552,7 @@ fn books_checks(checks: &mut Checks) {
         format_args!("{mallocs} blocks live, {types} malloc types registered"),
     );
     checks.check(
-        held == 0 && holds == unholds,
+        held == 0 && holds == unholds && kpi::with(|k| k.books.object_refs == 0),
         "leaks-held-pages",
         format_args!("{held} pages held; {holds} holds, {unholds} releases"),
     );

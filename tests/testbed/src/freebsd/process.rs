@@ -4,7 +4,8 @@
 //! (numbers of sys/sys/syscall.h; result in RAX, error = errno in RAX with
 //! the carry flag set, sys/amd64/amd64/vm_machdep.c cpu_set_syscall_retval).
 
-use super::{devfs, kpi, sysctl, unload, Checks, KldRun, Loaded, MODULE_FILEID};
+use super::signal::{self, Delivery};
+use super::{devfs, kpi, sysctl, threads, unload, Checks, KldRun, Loaded, MODULE_FILEID};
 use crate::channel::Channel;
 use crate::log;
 use crate::user::UserCpu;
@@ -25,11 +26,20 @@ const SYS_WRITE: u64 = 4;
 const SYS_OPEN: u64 = 5;
 const SYS_CLOSE: u64 = 6;
 const SYS_GETPID: u64 = 20;
+const SYS_KILL: u64 = 37;
 const SYS_IOCTL: u64 = 54;
 const SYS_MUNMAP: u64 = 73;
+const SYS_SETITIMER: u64 = 83;
 const SYS_CLOCK_GETTIME: u64 = 232;
+const SYS_SCHED_YIELD: u64 = 331;
 const SYS_KLDUNLOAD: u64 = 305;
 const SYS_KLDFIND: u64 = 306;
+const SYS_SIGPROCMASK: u64 = 340;
+const SYS_SIGACTION: u64 = 416;
+const SYS_SIGRETURN: u64 = 417;
+const SYS_THR_EXIT: u64 = 431;
+const SYS_THR_SELF: u64 = 432;
+const SYS_THR_NEW: u64 = 455;
 const SYS_MMAP: u64 = 477;
 
 /// sys/sys/mman.h.
@@ -62,6 +72,10 @@ const SIGFPE: i32 = 8;
 const SIGBUS: i32 = 10;
 const SIGSEGV: i32 = 11;
 const SIGXCPU: i32 = 24;
+const SIGSYS: i32 = 12;
+/// The most traps one time slice of another thread takes (it ends at that
+/// thread's next tick, 100 Hz, long before).
+const SLICE_TRAPS_MAX: u32 = 1_000_000;
 
 enum Fd {
     Stdin,
@@ -81,6 +95,26 @@ pub struct Process<'r, 'c> {
     mm: Option<Mm>,
     exit: Option<i32>,
     flush: bool,
+    /// The ring-3 runner and the address space it runs.
+    cpu: Option<UserCpu>,
+    cr3: u64,
+    /// Another thread's slice is over (its tick, sched_yield), or that
+    /// thread called thr_exit.
+    slice_over: bool,
+    thread_exited: bool,
+    /// The process was killed (128 + signal) while another thread ran.
+    killed: Option<i32>,
+}
+
+/// The signal of a CPU exception at ring 3 (trap_pfault, trap()).
+fn exception_signal(vector: u8) -> i32 {
+    match vector {
+        0 | 16 | 19 => SIGFPE,
+        1 | 3 => SIGTRAP,
+        6 => SIGILL,
+        17 => SIGBUS,
+        _ => SIGSEGV,
+    }
 }
 
 /// A system call's result: value, or FreeBSD errno.
@@ -106,6 +140,11 @@ impl<'r, 'c> Process<'r, 'c> {
             mm: None,
             exit: None,
             flush: false,
+            cpu: None,
+            cr3: 0,
+            slice_over: false,
+            thread_exited: false,
+            killed: None,
         }
     }
 
@@ -178,9 +217,19 @@ impl<'r, 'c> Process<'r, 'c> {
         ctx.regs[RDI] = image.sp;
         let cr3 = image.mm.cr3();
         self.mm = Some(image.mm);
-        kpi::with(|k| k.cr3 = cr3);
-
-        let mut cpu = UserCpu::new(self.run.features);
+        let tsc_khz = self.run.clock.tsc_khz;
+        let (mm, ram) = self.mm();
+        if let Err(e) = signal::exec(mm, ram, tsc_khz) {
+            log!("kld: no room for the sigcode page: errno {}", e.0);
+            return (126, 0);
+        }
+        let main_td = kpi::with(|k| {
+            k.cr3 = cr3;
+            k.thread.addr
+        });
+        threads::exec(self.run.features, main_td);
+        self.cpu = Some(UserCpu::new(self.run.features));
+        self.cr3 = cr3;
         let limit = self.run.clock.ms_to_cycles(config.time_limit_ms);
         let start = x86::rdtsc();
         let mut status = 0;
@@ -192,30 +241,35 @@ impl<'r, 'c> Process<'r, 'c> {
                 status = 128 + SIGXCPU;
                 break;
             }
-            let flush = core::mem::take(&mut self.flush);
-            let trap = cpu.run(1, Arch::Amd64, cr3, flush, &mut ctx, self.run.clock);
+            let trap = self.user(&mut ctx);
             match trap {
-                Trap::Syscall => self.syscall(&mut ctx, fs, loaded, checks),
-                Trap::Timer => {}
+                Trap::Syscall => {
+                    self.syscall(&mut ctx, fs, loaded, checks);
+                    status = self.deliver_signals(&mut ctx);
+                }
+                Trap::Timer => {
+                    signal::clock();
+                    status = self.deliver_signals(&mut ctx);
+                    super::cpu::return_to_user();
+                    // The slice is over: another thread may run.
+                    self.other_slice(fs, loaded, checks);
+                }
                 Trap::Int80 => status = 128 + SIGSEGV,
                 Trap::Exception {
                     vector,
                     error_code,
                     cr2,
                 } => {
-                    let signal = match vector {
-                        0 | 16 | 19 => SIGFPE,
-                        1 | 3 => SIGTRAP,
-                        6 => SIGILL,
-                        17 => SIGBUS,
-                        _ => SIGSEGV,
-                    };
+                    let signal = exception_signal(vector);
                     log!(
                         "kld: pid 1 killed by exception {vector} (error {error_code:#x}, cr2 {cr2:#x}) at {:#x}",
                         ctx.rip
                     );
                     status = 128 + signal;
                 }
+            }
+            if let Some(killed) = self.killed.take() {
+                status = killed;
             }
             if status != 0 {
                 break;
@@ -224,12 +278,97 @@ impl<'r, 'c> Process<'r, 'c> {
         let cycles = x86::rdtsc() - start;
         let status = self.exit.unwrap_or(status);
         self.exit_files();
+        signal::exit();
+        threads::exit();
         if let Some(mm) = self.mm.take() {
             mm.destroy(&mut self.ram);
         }
         kpi::with(|k| k.cr3 = 0);
         log!("kld: pid 1 status {status}, {cycles} cycles");
         (status, cycles)
+    }
+
+    /// Runs the current thread's `ctx` at ring 3 until it traps. The FPU
+    /// key is the process: threads.rs switches the FPU between threads.
+    fn user(&mut self, ctx: &mut UserContext) -> Trap {
+        let flush = core::mem::take(&mut self.flush);
+        let clock = self.run.clock;
+        let Some(cpu) = self.cpu.as_mut() else {
+            crate::fail(format_args!("kld: user mode without a runner"))
+        };
+        cpu.run(1, Arch::Amd64, self.cr3, flush, ctx, clock)
+    }
+
+    /// Another thread's time slice (threads.rs): its user code and system
+    /// calls until its next tick, sched_yield or thr_exit, or the end of
+    /// the process.
+    fn other_slice(&mut self, fs: &MemFs, loaded: &mut Option<Loaded>, checks: &mut Checks) {
+        let Some((tid, mut ctx)) = threads::slice_begin() else {
+            return;
+        };
+        self.slice_over = false;
+        self.thread_exited = false;
+        for _ in 0..SLICE_TRAPS_MAX {
+            match self.user(&mut ctx) {
+                Trap::Syscall => {
+                    self.syscall(&mut ctx, fs, loaded, checks);
+                    let status = self.deliver_signals(&mut ctx);
+                    if status != 0 {
+                        self.killed = Some(status);
+                    }
+                }
+                Trap::Timer => {
+                    signal::clock();
+                    super::cpu::return_to_user();
+                    self.slice_over = true;
+                }
+                Trap::Int80 => self.killed = Some(128 + SIGSEGV),
+                Trap::Exception { vector, .. } => {
+                    log!(
+                        "kld: thread {tid} killed the process by exception {vector} at {:#x}",
+                        ctx.rip
+                    );
+                    self.killed = Some(128 + exception_signal(vector));
+                }
+            }
+            if self.slice_over || self.thread_exited || self.exit.is_some() || self.killed.is_some()
+            {
+                break;
+            }
+        }
+        threads::slice_end(ctx, self.thread_exited);
+    }
+
+    /// thr_exit(2): `*state` = 1 (for the thread waiting on it) and the
+    /// thread is gone; the last thread's thr_exit is exit(0) (exit1).
+    fn thr_exit(&mut self, state: u64) -> SysResult {
+        if threads::in_slice() {
+            if state != 0 {
+                let (mm, ram) = self.mm();
+                // kern_thr_exit ignores a fault here.
+                let _ = mm.write(ram, state, &1u64.to_le_bytes());
+            }
+            self.thread_exited = true;
+        } else if threads::others() == 0 {
+            self.exit = Some(0);
+        } else {
+            log!("kld: thr_exit of the first thread while others live is not modelled: SIGSYS");
+            self.killed = Some(128 + SIGSYS);
+        }
+        Ok(0)
+    }
+
+    /// On the way back to user mode (ast): pending signals reach their
+    /// handlers; 128 + signal when one kills the process.
+    fn deliver_signals(&mut self, ctx: &mut UserContext) -> i32 {
+        if self.exit.is_some() {
+            return 0;
+        }
+        let (mm, ram) = self.mm();
+        match signal::deliver(mm, ram, ctx) {
+            Delivery::Resume => 0,
+            Delivery::Killed(sig) => 128 + sig,
+        }
     }
 
     /// exit1: every descriptor is closed (cdevpriv destructors run).
@@ -249,6 +388,7 @@ impl<'r, 'c> Process<'r, 'c> {
         checks: &mut Checks,
     ) {
         kpi::enter_kernel();
+        signal::clock();
         let r = ctx.regs;
         let args = [r[RDI], r[RSI], r[RDX], r[R10], r[R8], r[R9]];
         let number = r[RAX];
@@ -262,18 +402,57 @@ impl<'r, 'c> Process<'r, 'c> {
             SYS_OPEN => self.open(args, fs),
             SYS_CLOSE => self.close(args),
             SYS_GETPID => Ok(1),
-            SYS_IOCTL => self.ioctl(args),
+            SYS_IOCTL => self.ioctl(args, fs, loaded, checks),
             SYS_MUNMAP => self.munmap(args),
             SYS_CLOCK_GETTIME => self.clock_gettime(args),
             SYS_KLDFIND => self.kldfind(args, loaded),
             SYS_KLDUNLOAD => self.kldunload(args, loaded, checks),
             SYS_MMAP => self.mmap(args),
+            SYS_KILL => signal::kill(args[0], args[1]),
+            SYS_THR_NEW => {
+                let (mm, ram) = self.mm();
+                threads::thr_new(mm, ram, args[0], args[1])
+            }
+            SYS_THR_SELF => {
+                let tid = threads::current_tid();
+                let (mm, ram) = self.mm();
+                mm.write(ram, args[0], &tid.to_le_bytes())
+                    .map(|()| 0)
+                    .map_err(errno)
+            }
+            SYS_THR_EXIT => self.thr_exit(args[0]),
+            SYS_SCHED_YIELD => {
+                if threads::in_slice() {
+                    self.slice_over = true;
+                } else {
+                    self.other_slice(fs, loaded, checks);
+                }
+                Ok(0)
+            }
+            SYS_SETITIMER => {
+                let (mm, ram) = self.mm();
+                signal::setitimer(mm, ram, args[0], args[1], args[2])
+            }
+            SYS_SIGPROCMASK => {
+                let (mm, ram) = self.mm();
+                signal::sigprocmask(mm, ram, args[0], args[1], args[2])
+            }
+            SYS_SIGACTION => {
+                let (mm, ram) = self.mm();
+                signal::sigaction(mm, ram, args[0], args[1], args[2])
+            }
+            SYS_SIGRETURN => {
+                let (mm, ram) = self.mm();
+                signal::sigreturn(mm, ram, ctx, args[0]).and(Err(signal::EJUSTRETURN))
+            }
             _ => {
                 log!("kld: pid 1: system call {number} is not served: ENOSYS");
                 Err(kpi::with(|k| k.layout.ENOSYS as i32))
             }
         };
         match result {
+            // sigreturn restored every register itself.
+            Err(signal::EJUSTRETURN) => {}
             Ok(v) => {
                 ctx.regs[RAX] = v;
                 ctx.regs[RDX] = 0;
@@ -396,7 +575,13 @@ impl<'r, 'c> Process<'r, 'c> {
     /// sys_ioctl / kern_ioctl: the argument is copied in for IOC_IN, zeroed
     /// for IOC_OUT alone, and copied out for IOC_OUT only when the driver
     /// returned 0.
-    fn ioctl(&mut self, a: [u64; 6]) -> SysResult {
+    fn ioctl(
+        &mut self,
+        a: [u64; 6],
+        fs: &MemFs,
+        loaded: &mut Option<Loaded>,
+        checks: &mut Checks,
+    ) -> SysResult {
         let l = kpi::with(|k| k.layout);
         let Fd::Device(id) = *self.fd(a[0])? else {
             return Err(l.ENOTTY as i32);
@@ -416,7 +601,11 @@ impl<'r, 'c> Process<'r, 'c> {
             mm.read(ram, a[2], &mut buf[..size as usize])
                 .map_err(|_| l.EFAULT as i32)?;
         }
-        let error = devfs::ioctl(id, cmd, buf.as_mut_ptr());
+        // While the module runs this ioctl, a deferred preemption may give
+        // another thread a slice (threads::preempt).
+        let error = threads::preemptible(&mut || self.other_slice(fs, loaded, checks), || {
+            devfs::ioctl(id, cmd, buf.as_mut_ptr())
+        });
         if error != 0 {
             return Err(error);
         }
@@ -442,42 +631,65 @@ impl<'r, 'c> Process<'r, 'c> {
         }
         let len = len.checked_next_multiple_of(kpi::PAGE_SIZE).ok_or(einval)?;
         let placement = if flags & MAP_FIXED != 0 {
+            // Replaces what is mapped there, as munmap would.
+            self.keep_held_pages(addr, addr.saturating_add(len))?;
             Placement::Fixed(addr)
         } else {
+            self.keep_held_pages(0, 0)?;
             Placement::Hint(addr)
         };
         let (mm, ram) = self.mm();
-        mm.map_region(ram, placement, len, (prot & PROT_MASK) as u32)
-            .map_err(errno)
+        let at = mm
+            .map_region(ram, placement, len, (prot & PROT_MASK) as u32)
+            .map_err(errno)?;
+        kpi::with(|k| k.mapped(at, len, prot & PROT_MASK));
+        Ok(at)
     }
 
-    /// munmap(2). Pages the module holds stay the module's in FreeBSD (a
-    /// hold is a wiring); the client core would free them, so unmapping a
-    /// held page is refused here rather than modelled wrong (issue 7:
-    /// munmap of guest RAM between EXECs).
+    /// munmap(2). Pages the module holds stay allocated (see
+    /// `keep_held_pages`); the map's timestamp moves.
     fn munmap(&mut self, a: [u64; 6]) -> SysResult {
         let (addr, len) = (a[0], a[1]);
         let einval = kpi::with(|k| k.layout.EINVAL as i32);
         let end = addr.checked_add(len).ok_or(einval)?;
-        let held = kpi::with(|k| {
-            let phys: Vec<u64> = k.books.held.values().map(|e| e.0).collect();
-            let mut page = addr & !(kpi::PAGE_SIZE - 1);
-            while page < end {
-                if k.user_page(page, false).is_some_and(|p| phys.contains(&p)) {
-                    return true;
-                }
-                page += kpi::PAGE_SIZE;
-            }
-            false
-        });
-        if held {
-            log!("kld: munmap of pages the module holds is not modelled (issue 7): EINVAL");
+        if !addr.is_multiple_of(kpi::PAGE_SIZE) || len == 0 {
             return Err(einval);
         }
+        self.keep_held_pages(addr, end)?;
         let (mm, ram) = self.mm();
         mm.unmap(ram, addr, len).map_err(errno)?;
+        kpi::with(|k| k.unmapped(addr, len));
         self.flush = true;
         Ok(0)
+    }
+
+    /// In FreeBSD a held page is wired: munmap (or a MAP_FIXED mapping
+    /// over it) removes the mapping, and the page lives on, the module's,
+    /// until vm_page_unhold_pages. The client core would free the frame
+    /// with the mapping, so each held page of `start..end` is first
+    /// swapped out of the page tables for a fresh frame (which the unmap
+    /// frees) and booked as an orphan; orphans whose last hold is gone
+    /// since the last call are freed here.
+    fn keep_held_pages(&mut self, start: u64, end: u64) -> Result<(), i32> {
+        let released = kpi::with(|k| core::mem::take(&mut k.books.orphans_released));
+        for frame in released {
+            self.ram.free_frame(frame);
+        }
+        let held = kpi::with(|k| k.held_ptes(start, end));
+        if !held.is_empty() {
+            log!(
+                "kld: {} held page(s) unmapped by the process: kept until their last unhold",
+                held.len()
+            );
+        }
+        for (pte, frame) in held {
+            let fresh = self.ram.alloc_frame().map_err(errno)?;
+            kpi::with(|k| {
+                k.replace_frame(pte, fresh);
+                k.books.orphans.push(frame);
+            });
+        }
+        Ok(())
     }
 
     fn clock_gettime(&mut self, a: [u64; 6]) -> SysResult {
