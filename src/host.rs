@@ -211,7 +211,9 @@ pub trait Host: Clone + Send + Sync {
     /// Begins running guest code on this CPU: no preemption and no
     /// migration until [`Host::cpu_leave`]. Returns the CPU's index, or
     /// `None` when this host cannot run guest code (the monitor then
-    /// answers `KQEMU_RET_ABORT`).
+    /// answers `KQEMU_RET_ABORT`). Any index will do: the monitor holds
+    /// one of its switcher blocks (a fixed number, not one per CPU) from
+    /// here to `cpu_leave`, preferring the one this index used last.
     fn cpu_enter(&self) -> Option<usize>;
 
     /// Ends what [`Host::cpu_enter`] began (a reschedule deferred by it

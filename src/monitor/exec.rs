@@ -419,8 +419,8 @@ pub struct Monitor<H: Host> {
     /// The pages of the client's dirty bytes, held.
     dirty_pages: HostArray<Frame, H>,
     cpu_paging: CpuPaging,
-    /// CPU whose switcher entry the shadow roots hold.
-    switcher_cpu: Option<usize>,
+    /// Switcher block whose entry the shadow roots hold.
+    switcher_block: Option<usize>,
     /// The shadow root of the previous EXEC.
     last_root: Option<HostPhys>,
     /// The linear page of the last code read through the guest's tables
@@ -447,6 +447,20 @@ fn cpu_paging() -> CpuPaging {
     }
 }
 
+/// A page the locked-page cache let go (its cap, or room for another):
+/// it is no longer the cached code page, and it is unmapped and unlocked.
+fn evicted<S: core::ops::DerefMut<Target = [ShadowNode]>, H: Host>(
+    shadow: &mut Shadow<S>,
+    host: &H,
+    code_page: &mut Option<(u64, RamPage, Frame)>,
+    old: Unlocked<Frame>,
+) {
+    if code_page.is_some_and(|(_, p, _)| p == old.page) {
+        *code_page = None;
+    }
+    unlock(shadow, host, old);
+}
+
 /// Releases a locked page after clearing every shadow leaf that maps it.
 fn unlock<S: core::ops::DerefMut<Target = [ShadowNode]>, H: Host>(
     shadow: &mut Shadow<S>,
@@ -462,6 +476,23 @@ fn unlock<S: core::ops::DerefMut<Target = [ShadowNode]>, H: Host>(
     }
     // SAFETY: the frame came from hold_user_page and no leaf maps it now.
     unsafe { host.release_user_page(&old.frame.held()) };
+}
+
+/// Why [`Monitor::run_once`] ran no guest code.
+enum NoRun {
+    /// This host cannot run guest code (`Host::cpu_enter`).
+    Host,
+    /// Every switcher block is in use by runs on other CPUs.
+    Busy,
+}
+
+/// Why [`Monitor::run_on_cpu`] ran no guest code, besides [`NoRun`]: the
+/// run fails and the client emulates (logged once, after cpu_leave).
+enum NoEntry {
+    Run(NoRun),
+    Setup(usize, switch::SetupError),
+    La57,
+    Unusable,
 }
 
 /// Registers of the guest as the exit left them, and what the client
@@ -514,7 +545,7 @@ impl<H: Host> Monitor<H> {
             locked,
             dirty_pages,
             cpu_paging: cpu_paging(),
-            switcher_cpu: None,
+            switcher_block: None,
             last_root: None,
             code_page: None,
             logged_setup_failure: false,
@@ -538,12 +569,7 @@ impl<H: Host> Monitor<H> {
             ..
         } = self;
         locked.set_cap(cap);
-        locked.shrink(LOCKED_SLOTS, |old| {
-            if code_page.is_some_and(|(_, p, _)| p == old.page) {
-                *code_page = None;
-            }
-            unlock(shadow, host, old);
-        });
+        locked.shrink(LOCKED_SLOTS, |old| evicted(shadow, host, code_page, old));
     }
 
     /// `KQEMU_MODIFY_RAM_PAGES`: the client changed these pages.
@@ -691,8 +717,12 @@ impl<H: Host> Monitor<H> {
 
         for _ in 0..MAX_EXITS_PER_EXEC {
             let exit = match self.run_once(&mut area, &descriptors, &entry) {
-                Some(exit) => exit,
-                None => {
+                Ok(exit) => exit,
+                // Every switcher block is held by a run on another CPU,
+                // each for at most one host tick: the client calls EXEC
+                // again (KQEMU_RET_INTR), with the guest's state as it is.
+                Err(NoRun::Busy) => break,
+                Err(NoRun::Host) => {
                     report = ExitReport {
                         retval: KQEMU_RET_ABORT,
                         ..soft
@@ -790,40 +820,70 @@ impl<H: Host> Monitor<H> {
         }
     }
 
-    /// One entry into the guest and back. `None` when this host cannot
-    /// run guest code.
+    /// One entry into the guest and back.
     fn run_once(
         &mut self,
         area: &mut SwitchArea,
         descriptors: &[(u16, u64)],
         entry: &NormalModeEntry,
-    ) -> Option<Exit> {
-        let cpu = self.host.cpu_enter()?;
-        let host = self.host.clone();
-        // SAFETY: cpu_enter pinned this thread to `cpu` until cpu_leave.
-        let prepared = unsafe { switch::prepare_cpu(cpu, |v| host.virt_to_phys(v)) };
-        let mut sw = match prepared {
-            Ok(sw) => sw,
-            Err(e) => {
-                self.host.cpu_leave();
-                if !self.logged_setup_failure {
+    ) -> core::result::Result<Exit, NoRun> {
+        let cpu = self.host.cpu_enter().ok_or(NoRun::Host)?;
+        let result = self.run_on_cpu(cpu, area, descriptors, entry);
+        // After run_on_cpu dropped its switcher: a switcher block is held
+        // only inside the no-preemption section.
+        self.host.cpu_leave();
+        let why = match result {
+            Ok(exit) => return Ok(exit),
+            Err(NoEntry::Run(no_run)) => return Err(no_run),
+            Err(why) => why,
+        };
+        if !self.logged_setup_failure {
+            match why {
+                NoEntry::Setup(cpu, e) => {
                     self.logged_setup_failure = true;
                     self.host
                         .log(format_args!("EXEC: no switcher on CPU {cpu}: {e:?}"));
                 }
-                return Some(Exit {
-                    vector: 0,
-                    error_code: 0,
-                    cr2: 0,
-                    entry_failed: true,
-                    pending_nmi: false,
-                    pending_mc: false,
-                });
+                NoEntry::La57 => {
+                    self.logged_setup_failure = true;
+                    self.host.log(format_args!(
+                        "EXEC: the host runs 5-level paging (CR4.LA57), which the monitor \
+                         does not support; the client emulates the guest"
+                    ));
+                }
+                NoEntry::Run(_) | NoEntry::Unusable => {}
             }
+        }
+        Ok(Exit {
+            vector: 0,
+            error_code: 0,
+            cr2: 0,
+            entry_failed: true,
+            pending_nmi: false,
+            pending_mc: false,
+        })
+    }
+
+    /// [`Self::run_once`] between cpu_enter and cpu_leave, on CPU `cpu`.
+    fn run_on_cpu(
+        &mut self,
+        cpu: usize,
+        area: &mut SwitchArea,
+        descriptors: &[(u16, u64)],
+        entry: &NormalModeEntry,
+    ) -> core::result::Result<Exit, NoEntry> {
+        let host = self.host.clone();
+        // SAFETY: cpu_enter pinned this thread to `cpu` until cpu_leave,
+        // which comes after `sw` is dropped (run_once).
+        let prepared = unsafe { switch::prepare_cpu(cpu, |v| host.virt_to_phys(v)) };
+        let mut sw = match prepared {
+            Ok(sw) => sw,
+            Err(switch::SetupError::AllBlocksBusy) => return Err(NoEntry::Run(NoRun::Busy)),
+            Err(e) => return Err(NoEntry::Setup(cpu, e)),
         };
-        if self.switcher_cpu != Some(cpu) {
+        if self.switcher_block != Some(sw.block_index()) {
             self.shadow.set_switcher_entry(sw.pml4_entry());
-            self.switcher_cpu = Some(cpu);
+            self.switcher_block = Some(sw.block_index());
         }
         let root = self.shadow.current_root();
         let cs_index = sw.host_cs_index();
@@ -831,15 +891,7 @@ impl<H: Host> Monitor<H> {
             && descriptors.iter().all(|&(i, _)| i != cs_index)
             && sw.set_guest_descriptors(descriptors).is_some();
         if !usable {
-            self.host.cpu_leave();
-            return Some(Exit {
-                vector: 0,
-                error_code: 0,
-                cr2: 0,
-                entry_failed: true,
-                pending_nmi: false,
-                pending_mc: false,
-            });
+            return Err(NoEntry::Unusable);
         }
         // Interrupts off before the host's registers are read: a handler
         // may change CR0.TS (lazy FPU switching).
@@ -850,22 +902,7 @@ impl<H: Host> Monitor<H> {
             // would be walked as 5-level ones. Such a host gets no native
             // runs; the client emulates (SOFTMMU), and the log says why.
             switch::interrupts_restore(flags);
-            self.host.cpu_leave();
-            if !self.logged_setup_failure {
-                self.logged_setup_failure = true;
-                self.host.log(format_args!(
-                    "EXEC: the host runs 5-level paging (CR4.LA57), which the monitor \
-                     does not support; the client emulates the guest"
-                ));
-            }
-            return Some(Exit {
-                vector: 0,
-                error_code: 0,
-                cr2: 0,
-                entry_failed: true,
-                pending_nmi: false,
-                pending_mc: false,
-            });
+            return Err(NoEntry::La57);
         }
         let setup = RunSetup {
             shadow_cr3: root.map_or(0, |r| r.as_u64()),
@@ -903,8 +940,7 @@ impl<H: Host> Monitor<H> {
         }
         *area = *sw.area();
         switch::interrupts_restore(flags);
-        self.host.cpu_leave();
-        Some(exit)
+        Ok(exit)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1083,12 +1119,7 @@ impl<H: Host> Monitor<H> {
             code_page,
             ..
         } = self;
-        let evict = |old: Unlocked<Frame>| {
-            if code_page.is_some_and(|(_, p, _)| p == old.page) {
-                *code_page = None;
-            }
-            unlock(shadow, host, old);
-        };
+        let evict = |old: Unlocked<Frame>| evicted(shadow, host, code_page, old);
         match locked.insert(page, frame, evict) {
             Ok(()) => Some(frame),
             Err(f) => {
@@ -1353,6 +1384,9 @@ mod tests {
         pages: Arc<Mutex<BTreeMap<u64, Box<[u64; 512]>>>>,
         /// Calls of hold_user_page.
         holds: Arc<std::sync::atomic::AtomicUsize>,
+        /// What cpu_enter answers; calls of cpu_enter and cpu_leave.
+        cpu: Option<usize>,
+        cpu_calls: Arc<Mutex<(usize, usize)>>,
     }
 
     impl MemHost {
@@ -1409,9 +1443,12 @@ mod tests {
             Some(virt)
         }
         fn cpu_enter(&self) -> Option<usize> {
-            None
+            self.cpu_calls.lock().expect("calls").0 += 1;
+            self.cpu
         }
-        fn cpu_leave(&self) {}
+        fn cpu_leave(&self) {
+            self.cpu_calls.lock().expect("calls").1 += 1;
+        }
         fn should_yield(&self) -> bool {
             false
         }
@@ -1433,6 +1470,7 @@ mod tests {
         map: PhysMap<MemHost>,
         ram: RamParams,
         entry: NormalModeEntry,
+        state: KqemuCpuState,
     }
 
     fn guest() -> Guest {
@@ -1500,6 +1538,7 @@ mod tests {
             map,
             ram,
             entry,
+            state,
         }
     }
 
@@ -1543,6 +1582,36 @@ mod tests {
         fn leaf(&self, linear: u64) -> Option<u64> {
             self.monitor.shadow.lookup(GuestVirt::new(linear))
         }
+    }
+
+    /// EXEC on a 33rd CPU while 32 others run guests: no block, so no run;
+    /// the client gets KQEMU_RET_INTR (it calls EXEC again) with the
+    /// guest's state as it gave it, and the CPU was left again.
+    #[test]
+    fn with_every_switcher_block_held_exec_answers_intr() {
+        let mut g = guest();
+        let lists = Lists {
+            pages_to_flush: NonNull::new(g.host.page(LISTS[0])).expect("page"),
+            ram_pages_to_update: NonNull::new(g.host.page(LISTS[1])).expect("page"),
+            modified_ram_pages: NonNull::new(g.host.page(LISTS[2])).expect("page"),
+        };
+        // The monitor's clone of the host answers cpu_enter.
+        g.monitor.host.cpu = Some(40);
+        let mut state = g.state;
+        {
+            let _held = switch::AllBlocksHeld::take();
+            g.monitor.exec(&mut state, &g.map, &g.ram, &lists);
+        }
+        assert_eq!(state.retval, KQEMU_RET_INTR);
+        state.retval = g.state.retval;
+        assert_eq!(state, g.state, "the guest's state as it was");
+        let (entered, left) = *g.host.cpu_calls.lock().expect("calls");
+        assert_eq!((entered, left), (1, 1));
+        // A host that cannot run guest code at all: ABORT.
+        g.monitor.host.cpu = None;
+        let mut state = g.state;
+        g.monitor.exec(&mut state, &g.map, &g.ram, &lists);
+        assert_eq!(state.retval, KQEMU_RET_ABORT);
     }
 
     #[test]

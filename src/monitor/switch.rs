@@ -1,9 +1,10 @@
-//! The world switch: per-CPU switcher pages (GDT, IDT, TSS, stacks), the
-//! shadow mapping of those pages, and the entry/exit code (switch.S).
+//! The world switch: switcher pages (GDT, IDT, TSS, stacks), one block of
+//! them held by each CPU while it runs a guest, the shadow mapping of
+//! those pages, and the entry/exit code (switch.S).
 //!
 //! ARCHITECTURE.md "Where the monitor lives" and "Rules the world switch
 //! must keep". The switcher's pages live in the module's own image: its
-//! text in a page-aligned section of its own, its per-CPU data in a static
+//! text in a page-aligned section of its own, its blocks in a static
 //! array. Both are therefore mapped by the host at the same virtual
 //! addresses in every host address space, and the shadow address spaces
 //! map exactly those pages at the same addresses (supervisor-only, through
@@ -14,7 +15,7 @@
 
 use core::cell::UnsafeCell;
 use core::mem::{offset_of, size_of};
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use crate::monitor::segments::MONITOR_GDT_FIRST;
 
@@ -61,9 +62,13 @@ const ERROR_CODE_VECTORS: u32 = (1 << 8)
 /// Bytes between two vector stubs in switch.S.
 const VECTOR_STUB_SIZE: usize = 16;
 
-/// CPUs with switcher pages. A thread on a CPU with a higher index runs
-/// its guest through the client (`KQEMU_RET_SOFTMMU`).
-pub const MAX_CPUS: usize = 32;
+/// Switcher blocks. A block is needed only while a thread runs inside the
+/// host's no-preemption section (`Host::cpu_enter` to `Host::cpu_leave`),
+/// so this bounds the CPUs running guest code at the same moment, not the
+/// CPU indices: a thread claims a free block there ([`prepare_cpu`]) and
+/// gives it back before leaving. With every block taken, EXEC answers
+/// `KQEMU_RET_INTR` and the client calls it again.
+pub const SWITCHER_BLOCKS: usize = 32;
 
 /// Vectors (SDM Vol. 3A Table 6-1).
 pub const VECTOR_NMI: u8 = 2;
@@ -218,6 +223,9 @@ struct CpuState {
     /// The host GS base the stack tops hold (the CPU never writes that
     /// word: its pushes start below the IST pointer).
     stack_gs: u64,
+    /// The host CPU the block was last set up for: the IDT's gates and
+    /// the GDT's copy of the host CS come from that CPU's tables.
+    cpu: usize,
 }
 
 /// One CPU's switcher pages. The GDT, IDT, area page and stacks are
@@ -235,19 +243,23 @@ struct CpuBlock {
 /// Pages of a block the guest's space maps: GDT (16), IDT, area, stacks.
 const MAPPED_BLOCK_PAGES: usize = 16 + 1 + 1 + STACKS;
 
-struct Blocks([UnsafeCell<CpuBlock>; MAX_CPUS]);
+struct Blocks([UnsafeCell<CpuBlock>; SWITCHER_BLOCKS]);
 
-// SAFETY: block `i` is used only by the thread that runs on CPU `i` inside
-// the host's no-preemption section (Host::cpu_enter), and set up once
-// under `READY[i]`.
+// SAFETY: block `i` is used only by the thread that holds bit `i` of
+// `CLAIMED` (taken with Acquire, given back with Release, so each holder
+// sees the previous holder's writes).
 unsafe impl Sync for Blocks {}
 
 // SAFETY: all-zero bytes are a valid CpuBlock (integers and arrays of
 // them); a zeroed static goes to .bss.
 static BLOCKS: Blocks = unsafe { core::mem::zeroed() };
 
-/// Per-CPU setup state: 0 not set up, 1 ready, 2 failed.
-static READY: [AtomicU8; MAX_CPUS] = [const { AtomicU8::new(0) }; MAX_CPUS];
+/// Bit `i`: block `i` is held by a thread inside its no-preemption section.
+static CLAIMED: AtomicU32 = AtomicU32::new(0);
+const _: () = assert!(SWITCHER_BLOCKS <= 32);
+
+/// Per-block setup state: 0 not set up, 1 ready, 2 failed.
+static READY: [AtomicU8; SWITCHER_BLOCKS] = [const { AtomicU8::new(0) }; SWITCHER_BLOCKS];
 const NOT_SET_UP: u8 = 0;
 const SET_UP: u8 = 1;
 const SETUP_FAILED: u8 = 2;
@@ -388,8 +400,8 @@ pub fn tss_descriptor(base: u64) -> [u64; 2] {
 /// Why the switcher pages of a CPU cannot be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SetupError {
-    /// The CPU index is beyond [`MAX_CPUS`].
-    CpuIndex,
+    /// Every switcher block is held by another CPU's run.
+    AllBlocksBusy,
     /// The host gave no physical address for a switcher page.
     NoPhysical,
     /// The switcher's pages do not all lie in one PML4 slot, or need more
@@ -526,41 +538,113 @@ fn read_gdtr() -> PseudoDescriptor {
     d
 }
 
-/// One CPU's switcher, prepared for a run. Obtained from
-/// [`prepare_cpu`] inside the host's no-preemption section, used on that
-/// CPU only.
-pub struct CpuSwitcher {
-    block: *mut CpuBlock,
+/// Takes a free bit of `claimed` (one of `SWITCHER_BLOCKS`), trying
+/// `preferred` first so that a CPU keeps finding the block it set up last
+/// (nothing to redo then). `None` when every bit is taken.
+fn claim_bit(claimed: &AtomicU32, preferred: usize) -> Option<usize> {
+    for step in 0..SWITCHER_BLOCKS {
+        let i = (preferred + step) % SWITCHER_BLOCKS;
+        let bit = 1u32 << i;
+        if claimed.load(Ordering::Relaxed) & bit != 0 {
+            continue;
+        }
+        // Acquire: the block's contents as the last holder left them.
+        if claimed.fetch_or(bit, Ordering::Acquire) & bit == 0 {
+            return Some(i);
+        }
+    }
+    None
 }
 
-/// Sets up (once) and returns the switcher of CPU `cpu`.
+/// Gives back bit `i` taken by [`claim_bit`]; Release publishes the
+/// block's contents to the next holder.
+fn release_bit(claimed: &AtomicU32, i: usize) {
+    claimed.fetch_and(!(1u32 << i), Ordering::Release);
+}
+
+/// A switcher block held by this thread; given back when dropped.
+struct Claim {
+    index: usize,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        release_bit(&CLAIMED, self.index);
+    }
+}
+
+/// Every switcher block held, as by 32 runs on other CPUs, until dropped
+/// (tests of what EXEC answers then).
+#[cfg(test)]
+pub(crate) struct AllBlocksHeld;
+
+#[cfg(test)]
+impl AllBlocksHeld {
+    pub(crate) fn take() -> Self {
+        let all = u32::MAX >> (32 - SWITCHER_BLOCKS);
+        // No other host test claims blocks: a free block here would let
+        // prepare_cpu go on to the hardware.
+        assert_eq!(CLAIMED.swap(all, Ordering::AcqRel), 0, "blocks free");
+        Self
+    }
+}
+
+#[cfg(test)]
+impl Drop for AllBlocksHeld {
+    fn drop(&mut self) {
+        CLAIMED.store(0, Ordering::Release);
+    }
+}
+
+/// A CPU's switcher, prepared for a run. Obtained from [`prepare_cpu`]
+/// inside the host's no-preemption section, used on that CPU only, and
+/// dropped before that section ends (which gives its block back).
+pub struct CpuSwitcher {
+    block: *mut CpuBlock,
+    claim: Claim,
+}
+
+/// Claims a free switcher block for CPU `cpu`, sets it up (once) and
+/// readies it for this CPU if another one used it last.
 ///
 /// # Safety
 ///
 /// The caller runs on CPU `cpu` with preemption and migration disabled
-/// until it drops the result, and no other switcher of this CPU is alive.
+/// until it drops the result.
 pub unsafe fn prepare_cpu(
     cpu: usize,
     virt_to_phys: impl Fn(u64) -> Option<u64>,
 ) -> Result<CpuSwitcher, SetupError> {
-    let ready = READY.get(cpu).ok_or(SetupError::CpuIndex)?;
-    let block = BLOCKS.0[cpu].get();
+    let index = claim_bit(&CLAIMED, cpu % SWITCHER_BLOCKS).ok_or(SetupError::AllBlocksBusy)?;
+    // From here on an early return gives the block back (Claim::drop).
+    let claim = Claim { index };
+    let ready = &READY[index];
+    let block = BLOCKS.0[index].get();
+    // SAFETY: the claim makes this thread the block's only user.
+    let b = unsafe { &mut *block };
     match ready.load(Ordering::Acquire) {
-        SET_UP => return Ok(CpuSwitcher { block }),
-        SETUP_FAILED => return Err(SetupError::Layout),
-        NOT_SET_UP => {}
+        SET_UP if b.area.state.cpu == cpu => {}
+        SET_UP => bind_to_cpu(b, cpu)?,
+        NOT_SET_UP => {
+            let result = set_up(b, cpu, &virt_to_phys);
+            ready.store(
+                if result.is_ok() { SET_UP } else { SETUP_FAILED },
+                Ordering::Release,
+            );
+            result?;
+        }
         _ => return Err(SetupError::Layout),
     }
-    // SAFETY: the caller owns this CPU's block (see above).
-    let result = unsafe { set_up(&mut *block, &virt_to_phys) };
-    ready.store(
-        if result.is_ok() { SET_UP } else { SETUP_FAILED },
-        Ordering::Release,
-    );
-    result.map(|()| CpuSwitcher { block })
+    Ok(CpuSwitcher { block, claim })
 }
 
-fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Result<(), SetupError> {
+/// What of a block depends on the host CPU running it, (re)done for CPU
+/// `cpu`: the IDT's gates name the host's CS selector, and the GDT holds
+/// a copy of its descriptor at that index (switch.S); the IST stacks'
+/// top word holds the CPU's GS base (its per-CPU pointer, which FreeBSD's
+/// NMI, MC and DB handlers read there). The guest descriptors of the last
+/// run go too: the host CS index may have moved onto one of them.
+fn bind_to_cpu(b: &mut CpuBlock, cpu: usize) -> Result<(), SetupError> {
     let host_cs = read_cs();
     let cs_index = host_cs >> 3;
     if host_cs & 7 != 0 || cs_index == 0 || cs_index >= MONITOR_GDT_FIRST {
@@ -589,14 +673,36 @@ fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Resul
         b.idt[2 * v + 1] = gate[1];
     }
 
-    // Stacks: the top word the host's per-CPU pointer (filled per run),
-    // the word above it the area.
+    let state = &mut b.area.state;
+    let last = state.written_len.min(state.written.len());
+    for &(index, _) in &state.written[..last] {
+        b.gdt[usize::from(index)] = 0;
+    }
+    state.written_len = 0;
+    b.gdt[usize::from(state.host_cs_index)] = 0;
+    b.gdt[usize::from(cs_index)] = cs_desc;
+    state.host_cs_index = cs_index;
+
+    let host_gs = read_gs_base();
+    for stack in b.stacks.iter_mut() {
+        stack[ENTRIES - 2] = host_gs;
+    }
+    state.stack_gs = host_gs;
+    state.cpu = cpu;
+    Ok(())
+}
+
+fn set_up(
+    b: &mut CpuBlock,
+    cpu: usize,
+    virt_to_phys: &impl Fn(u64) -> Option<u64>,
+) -> Result<(), SetupError> {
+    // Stacks: the top word the host's per-CPU pointer (bind_to_cpu, and
+    // each run), the word above it the area.
     let area_addr = core::ptr::addr_of_mut!(b.area.area) as u64;
     let mut tops = [0u64; STACKS];
     for (i, stack) in b.stacks.iter_mut().enumerate() {
         stack[ENTRIES - 1] = area_addr;
-        // Matches `CpuState::stack_gs` below until the first run.
-        stack[ENTRIES - 2] = 0;
         tops[i] = core::ptr::addr_of_mut!(stack[ENTRIES - 2]) as u64;
     }
     // TSS: RSP0 and IST1-7 (IST 5-7 on the #DF stack: the host's own
@@ -621,14 +727,15 @@ fn set_up(b: &mut CpuBlock, virt_to_phys: &impl Fn(u64) -> Option<u64>) -> Resul
     words[TSS_SIZE / 4 - 1] = (TSS_SIZE as u32) << 16;
 
     b.gdt.fill(0);
-    b.gdt[usize::from(cs_index)] = cs_desc;
     b.area.state = CpuState {
         written: [(0, 0); 6],
         written_len: 0,
-        host_cs_index: cs_index,
+        host_cs_index: 0,
         pml4_entry: 0,
         stack_gs: 0,
+        cpu,
     };
+    bind_to_cpu(b, cpu)?;
 
     // The shadow mapping: text, then the block's mapped pages.
     let (text_start, text_end) = text_range();
@@ -707,9 +814,14 @@ pub struct Exit {
 
 impl CpuSwitcher {
     fn block(&mut self) -> &mut CpuBlock {
-        // SAFETY: `prepare_cpu`'s caller keeps this CPU's block exclusive
-        // while the switcher lives.
+        // SAFETY: the claim keeps the block this thread's own while the
+        // switcher lives.
         unsafe { &mut *self.block }
+    }
+
+    /// Which switcher block this is (its PML4 entry changes with it).
+    pub fn block_index(&self) -> usize {
+        self.claim.index
     }
 
     /// The PML4 entry the shadow's reserved slot must hold on this CPU.
@@ -1061,6 +1173,69 @@ mod tests {
             map.map(0xffff_ffff_8040_0000, 0x2000, true, false),
             Err(SetupError::Layout)
         );
+    }
+
+    #[test]
+    fn a_block_is_claimed_preferred_first_then_the_next_free_one() {
+        let claimed = AtomicU32::new(0);
+        assert_eq!(claim_bit(&claimed, 5), Some(5));
+        assert_eq!(claim_bit(&claimed, 5), Some(6), "5 is held");
+        // CPU 63 and CPU 200 prefer blocks 31 and 8 (index modulo 32).
+        assert_eq!(claim_bit(&claimed, 63 % SWITCHER_BLOCKS), Some(31));
+        assert_eq!(
+            claim_bit(&claimed, 31),
+            Some(0),
+            "wraps past the last block"
+        );
+        release_bit(&claimed, 5);
+        assert_eq!(claim_bit(&claimed, 5), Some(5), "given back");
+        assert_eq!(
+            claimed.load(Ordering::Relaxed),
+            1 << 0 | 1 << 5 | 1 << 6 | 1 << 31
+        );
+    }
+
+    #[test]
+    fn with_every_block_held_a_claim_fails_until_one_is_given_back() {
+        let claimed = AtomicU32::new(0);
+        let mut got: std::vec::Vec<usize> = (0..SWITCHER_BLOCKS)
+            .map(|cpu| claim_bit(&claimed, (cpu * 7) % SWITCHER_BLOCKS).expect("a free block"))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..SWITCHER_BLOCKS).collect::<std::vec::Vec<_>>());
+        // The 33rd CPU running a guest at the same moment.
+        assert_eq!(claim_bit(&claimed, 0), None);
+        assert_eq!(claim_bit(&claimed, 17), None);
+        release_bit(&claimed, 20);
+        assert_eq!(claim_bit(&claimed, 3), Some(20));
+        assert_eq!(claim_bit(&claimed, 3), None);
+    }
+
+    #[test]
+    fn concurrent_claims_never_share_a_block() {
+        use std::sync::atomic::AtomicUsize;
+        const THREADS: usize = 40;
+        let claimed = AtomicU32::new(0);
+        let holders: [AtomicUsize; SWITCHER_BLOCKS] =
+            [const { AtomicUsize::new(0) }; SWITCHER_BLOCKS];
+        std::thread::scope(|scope| {
+            for t in 1..=THREADS {
+                let (claimed, holders) = (&claimed, &holders);
+                scope.spawn(move || {
+                    for _ in 0..2000 {
+                        // More threads than blocks: a claim may fail.
+                        let Some(i) = claim_bit(claimed, t % SWITCHER_BLOCKS) else {
+                            continue;
+                        };
+                        assert_eq!(holders[i].swap(t, Ordering::Relaxed), 0, "block {i} shared");
+                        std::thread::yield_now();
+                        assert_eq!(holders[i].swap(0, Ordering::Relaxed), t);
+                        release_bit(claimed, i);
+                    }
+                });
+            }
+        });
+        assert_eq!(claimed.load(Ordering::Relaxed), 0, "every block given back");
     }
 
     #[test]

@@ -14,9 +14,10 @@ use crate::errno::{EBUSY, EFAULT, EINVAL, EIO, ENOENT, ENOTTY, EPERM};
 use crate::line::Line;
 use crate::{System, O_RDONLY, O_RDWR};
 
-const PAGE: u64 = 4096;
-/// Guest RAM of the checks: small, the monitor does not run guest code yet.
-const RAM_SIZE: u64 = 1 << 20;
+pub const PAGE: u64 = 4096;
+/// Guest RAM of the checks (ramchecks.rs too): 1 MiB, 256 pages, one page
+/// of dirty bytes.
+pub const RAM_SIZE: u64 = 1 << 20;
 /// KQEMU_MAX_MODIFIED_RAM_PAGES + 1: one past the list.
 const TOO_MANY_MODIFIED: i32 = 513;
 /// A page-aligned user address nothing is mapped at (the client core
@@ -45,14 +46,23 @@ pub struct Options {
     pub bench: u32,
 }
 
-struct Report<'s, S: System> {
-    sys: &'s mut S,
-    passed: u32,
-    failed: u32,
+/// The PASS/FAIL lines of a run and their counts (ramchecks.rs too).
+pub struct Report<'s, S: System> {
+    pub sys: &'s mut S,
+    pub passed: u32,
+    pub failed: u32,
 }
 
-impl<S: System> Report<'_, S> {
-    fn result(&mut self, ok: bool, name: &str, detail: core::fmt::Arguments<'_>) {
+impl<'s, S: System> Report<'s, S> {
+    pub fn new(sys: &'s mut S) -> Self {
+        Self {
+            sys,
+            passed: 0,
+            failed: 0,
+        }
+    }
+
+    pub fn result(&mut self, ok: bool, name: &str, detail: core::fmt::Arguments<'_>) {
         let mut line = Line::default();
         let _ = writeln!(
             line,
@@ -68,7 +78,12 @@ impl<S: System> Report<'_, S> {
     }
 
     /// A call that must fail with `want`.
-    fn expect_errno<T: core::fmt::Debug>(&mut self, name: &str, got: Result<T, i32>, want: i32) {
+    pub fn expect_errno<T: core::fmt::Debug>(
+        &mut self,
+        name: &str,
+        got: Result<T, i32>,
+        want: i32,
+    ) {
         match got {
             Err(e) if e == want => self.result(true, name, format_args!("errno {e}")),
             other => self.result(
@@ -80,24 +95,36 @@ impl<S: System> Report<'_, S> {
     }
 
     /// A call that must succeed.
-    fn expect_ok<T: core::fmt::Debug>(&mut self, name: &str, got: Result<T, i32>) -> bool {
+    pub fn expect_ok<T: core::fmt::Debug>(&mut self, name: &str, got: Result<T, i32>) -> bool {
         let ok = got.is_ok();
         self.result(ok, name, format_args!("{got:?}"));
         ok
     }
+
+    /// A call that must succeed (`want` Ok) or fail with the errno `want` names.
+    pub fn expect<T: core::fmt::Debug>(
+        &mut self,
+        name: &str,
+        got: Result<T, i32>,
+        want: Result<(), i32>,
+    ) -> bool {
+        let ok = match (&got, want) {
+            (Ok(_), Ok(())) => true,
+            (Err(e), Err(w)) => *e == w,
+            _ => false,
+        };
+        self.result(ok, name, format_args!("{got:?} (want {want:?})"));
+        ok
+    }
 }
 
-fn ioctl_with<S: System, T>(sys: &mut S, fd: i32, cmd: u32, arg: &mut T) -> Result<i32, i32> {
+pub fn ioctl_with<S: System, T>(sys: &mut S, fd: i32, cmd: u32, arg: &mut T) -> Result<i32, i32> {
     sys.ioctl(fd, cmd, (arg as *mut T).cast::<u8>())
 }
 
 /// Runs every check; returns (passed, failed).
 pub fn run_checks<S: System>(sys: &mut S, options: Options) -> (u32, u32) {
-    let mut r = Report {
-        sys,
-        passed: 0,
-        failed: 0,
-    };
+    let mut r = Report::new(sys);
     let dev = c"/dev/kqemu";
     match r.sys.open(dev, O_RDONLY) {
         Ok(fd) => {
@@ -155,7 +182,7 @@ pub fn run_checks<S: System>(sys: &mut S, options: Options) -> (u32, u32) {
 }
 
 /// The last line: the counts.
-fn summary<S: System>(r: Report<'_, S>) -> (u32, u32) {
+pub fn summary<S: System>(r: Report<'_, S>) -> (u32, u32) {
     let (passed, failed) = (r.passed, r.failed);
     let mut line = Line::default();
     let _ = writeln!(line, "kqemu-run: {passed} passed, {failed} failed");
@@ -164,13 +191,27 @@ fn summary<S: System>(r: Report<'_, S>) -> (u32, u32) {
 }
 
 /// The buffers INIT names, allocated as QEMU 0.11 does.
-struct Buffers {
-    ram: u64,
-    dirty: u64,
-    lists: u64,
+pub struct Buffers {
+    pub ram: u64,
+    pub dirty: u64,
+    pub lists: u64,
 }
 
-fn allocate<S: System>(r: &mut Report<'_, S>) -> Option<Buffers> {
+impl Buffers {
+    /// INIT for these buffers: RAM_SIZE of RAM, the three lists in order.
+    pub fn init(&self) -> KqemuInit {
+        KqemuInit {
+            ram_base: self.ram,
+            ram_size: RAM_SIZE,
+            ram_dirty: self.dirty,
+            pages_to_flush: self.lists,
+            ram_pages_to_update: self.lists + PAGE,
+            modified_ram_pages: self.lists + 2 * PAGE,
+        }
+    }
+}
+
+pub fn allocate<S: System>(r: &mut Report<'_, S>) -> Option<Buffers> {
     let ram = r.sys.mmap_shared_anon(RAM_SIZE);
     let dirty = r.sys.mmap_shared_anon(RAM_SIZE / PAGE);
     let lists = r.sys.mmap_shared_anon(3 * PAGE);
@@ -219,14 +260,7 @@ fn device_checks<S: System>(r: &mut Report<'_, S>, fd: i32) {
     r.expect_errno("modify-ram-pages-before-init", got, EIO);
 
     let Some(b) = allocate(r) else { return };
-    let valid = KqemuInit {
-        ram_base: b.ram,
-        ram_size: RAM_SIZE,
-        ram_dirty: b.dirty,
-        pages_to_flush: b.lists,
-        ram_pages_to_update: b.lists + PAGE,
-        modified_ram_pages: b.lists + 2 * PAGE,
-    };
+    let valid = b.init();
     let top = USER_ADDRESS_LIMIT;
     let invalid: [(&str, KqemuInit, i32); 14] = [
         (

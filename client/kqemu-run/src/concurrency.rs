@@ -478,6 +478,7 @@ fn run_spin(path: &CStr) -> (i32, Probe) {
         files: &files,
         argv: &argv,
         envp: &[],
+        ram_file: None,
     };
     let console = FreeBsdConsole {
         // SAFETY: RDTSC (CR4.TSD clear on FreeBSD).

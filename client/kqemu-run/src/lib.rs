@@ -14,7 +14,7 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
-mod checks;
+pub mod checks;
 mod line;
 mod linux;
 

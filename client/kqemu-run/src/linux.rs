@@ -8,6 +8,21 @@
 //! guest-physical 0.. (`phys_base` 0, one SET_PHYS_MEM range), as QEMU
 //! 0.11 allocates it on FreeBSD; the guest's FPU state is live around each
 //! EXEC (`fxrstor` before, `fxsave` after: ABI.md "Guest FPU contract").
+//!
+//! `--ram-file PATH`: guest RAM, the dirty bytes and the list pages come
+//! from one shared file instead, as QEMU 0.10's `kqemu_vmalloc` (osdep.c,
+//! behind `qemu_vmalloc` when kqemu is on) allocates them on Linux: a
+//! `qemuXXXXXX` file made by mkstemp (mode 0600) in `$QEMU_TMPDIR` or
+//! `/dev/shm` (else `/tmp`) and unlinked at once; each allocation, rounded
+//! up to a page, grows it with `ftruncate` and maps the new part
+//! `PROT_READ|PROT_WRITE, MAP_SHARED` at its offset (RAM at 0, then the
+//! dirty bytes, then the lists: the order of qemu_vmalloc's calls). PATH is
+//! the user's, so it is opened `O_CREAT|O_TRUNC|O_RDWR` mode 0600 (as
+//! QEMU 0.9 reopened its file): a leftover file is emptied. After the run a
+//! second mapping of the RAM part must show the guest's RAM and share
+//! writes with the first (the file's pages are the mapping's pages); then
+//! the file is unmapped and closed before `/dev/kqemu` is, so the pages
+//! the module holds outlive the file.
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
@@ -32,7 +47,27 @@ pub trait GuestSystem: System {
     /// KQEMU_EXEC with `fpu` (an FXSAVE image) loaded into the FPU before
     /// the ioctl and saved back from it after, with no code between.
     fn exec(&mut self, fd: i32, state: &mut KqemuCpuState, fpu: &mut FxArea) -> Result<i32, i32>;
+    /// `open(path, O_CREAT|O_TRUNC|O_RDWR, 0600)`; a system without
+    /// writable files answers ENOSYS.
+    fn create_file(&mut self, _path: &CStr) -> Result<i32, i32> {
+        Err(ENOSYS)
+    }
+    /// `unlink(path)`.
+    fn unlink(&mut self, _path: &CStr) -> Result<(), i32> {
+        Err(ENOSYS)
+    }
+    /// `ftruncate(fd, len)`.
+    fn ftruncate(&mut self, _fd: i32, _len: u64) -> Result<(), i32> {
+        Err(ENOSYS)
+    }
+    /// `mmap(NULL, len, PROT_READ|PROT_WRITE, MAP_SHARED, fd, offset)`.
+    fn mmap_shared_file(&mut self, _fd: i32, _len: u64, _offset: u64) -> Result<u64, i32> {
+        Err(ENOSYS)
+    }
 }
+
+/// ENOSYS (FreeBSD sys/sys/errno.h).
+const ENOSYS: i32 = 78;
 
 /// An FXSAVE/FXRSTOR image (SDM Vol. 1 10.5.1: 512 bytes, 16-aligned).
 #[repr(C, align(16))]
@@ -69,6 +104,19 @@ pub struct LinuxRun<'a> {
     /// PROGRAM ARGS.
     pub argv: &'a [&'a str],
     pub envp: &'a [&'a str],
+    /// `--ram-file PATH`: guest memory from this shared file.
+    pub ram_file: Option<&'a CStr>,
+}
+
+/// Where guest memory comes from: QEMU's qemu_vmalloc with kqemu, on
+/// FreeBSD (anonymous shared memory) or on Linux (a shared file).
+enum Backing {
+    Anon,
+    /// The file's descriptor and its size so far.
+    File {
+        fd: i32,
+        size: u64,
+    },
 }
 
 /// The FreeBSD process around the run: KQEMU_EXEC with the FPU state of
@@ -99,14 +147,106 @@ fn say<S: GuestSystem>(sys: &mut S, args: core::fmt::Arguments<'_>) {
     sys.write_fd(2, line.as_bytes());
 }
 
-/// An mmap(MAP_ANON|MAP_SHARED) region as a byte slice.
-fn region<'a, S: GuestSystem>(sys: &mut S, len: u64) -> Option<(u64, &'a mut [u8])> {
-    let addr = sys.mmap_shared_anon(len).ok()?;
+/// A fresh shared region of `len` bytes (a page multiple) as a byte
+/// slice: anonymous, or the file grown by `len` and its new part mapped;
+/// Err(errno).
+fn region<'a, S: GuestSystem>(
+    sys: &mut S,
+    backing: &mut Backing,
+    len: u64,
+) -> Result<(u64, &'a mut [u8]), i32> {
+    let addr = match backing {
+        Backing::Anon => sys.mmap_shared_anon(len)?,
+        Backing::File { fd, size } => {
+            sys.ftruncate(*fd, *size + len)?;
+            let addr = sys.mmap_shared_file(*fd, len, *size)?;
+            *size += len;
+            addr
+        }
+    };
     // SAFETY: a fresh mapping of `len` readable, writable bytes that this
     // process never unmaps.
-    Some((addr, unsafe {
+    Ok((addr, unsafe {
         core::slice::from_raw_parts_mut(addr as *mut u8, len as usize)
     }))
+}
+
+/// `--ram-file`: the file QEMU's kqemu_vmalloc makes, unlinked at once.
+fn file_backing<S: GuestSystem>(sys: &mut S, path: &CStr) -> Result<Backing, i32> {
+    let name = path.to_str().unwrap_or("?");
+    let fd = match sys.create_file(path) {
+        Ok(fd) => fd,
+        Err(errno) => {
+            say(
+                sys,
+                format_args!("kqemu-run: cannot create {name}: errno {errno}\n"),
+            );
+            return Err(STATUS_RUNNER_FAILED);
+        }
+    };
+    if let Err(errno) = sys.unlink(path) {
+        say(
+            sys,
+            format_args!("kqemu-run: cannot unlink {name}: errno {errno}\n"),
+        );
+        let _ = sys.close(fd);
+        return Err(STATUS_RUNNER_FAILED);
+    }
+    Ok(Backing::File { fd, size: 0 })
+}
+
+/// A second `MAP_SHARED` mapping of the file's first `len` bytes (guest
+/// RAM) must hold what the guest left in RAM (not all zero) and see a
+/// write made through the first mapping.
+fn check_shared_file<S: GuestSystem>(sys: &mut S, fd: i32, ram: u64, len: u64) -> Result<(), i32> {
+    let second = match sys.mmap_shared_file(fd, len, 0) {
+        Ok(addr) => addr,
+        Err(errno) => {
+            say(
+                sys,
+                format_args!("kqemu-run: ram file: second mmap failed: errno {errno}\n"),
+            );
+            return Err(STATUS_RUNNER_FAILED);
+        }
+    };
+    let (first_ptr, second_ptr) = (ram as *mut u8, second as *mut u8);
+    // SAFETY: both are live mappings of `len` bytes; nothing writes them
+    // while these shared slices live.
+    let (a, b) = unsafe {
+        (
+            core::slice::from_raw_parts(first_ptr, len as usize),
+            core::slice::from_raw_parts(second_ptr, len as usize),
+        )
+    };
+    let same = a == b;
+    let used = a.iter().any(|&x| x != 0);
+    // SAFETY: byte 0 of both mappings; volatile, since the two addresses
+    // alias one page, which the compiler cannot know.
+    let shared = unsafe {
+        let old = first_ptr.read_volatile();
+        first_ptr.write_volatile(!old);
+        let seen = second_ptr.read_volatile();
+        first_ptr.write_volatile(old);
+        seen == !old
+    };
+    let _ = sys.munmap(second, len);
+    if same && used && shared {
+        say(
+            sys,
+            format_args!(
+                "kqemu-run: ram file: a second mapping shows the guest's RAM ({len} bytes) and shares writes\n"
+            ),
+        );
+        Ok(())
+    } else {
+        say(
+            sys,
+            format_args!(
+                "kqemu-run: ram file: second mapping: same bytes {same}, RAM used {used}, writes shared {shared}\n"
+            ),
+        );
+        Err(STATUS_RUNNER_FAILED)
+    }
 }
 
 /// The ABI of a static ELF program: ELFCLASS32 (EI_CLASS 1, System V gABI)
@@ -172,9 +312,19 @@ fn run_linux_inner<'a, S: GuestSystem>(
     };
     let fs = guest_fs(sys, run.files)?;
     let arch = program_arch(fs.read_file(program).unwrap_or_default());
-    let Some((_, ram)) = region(sys, LINUX_RAM_SIZE) else {
-        say(sys, format_args!("kqemu-run: no memory for guest RAM\n"));
-        return Err(STATUS_RUNNER_FAILED);
+    let mut backing = match run.ram_file {
+        Some(path) => file_backing(sys, path)?,
+        None => Backing::Anon,
+    };
+    let ram = match region(sys, &mut backing, LINUX_RAM_SIZE) {
+        Ok((_, ram)) => ram,
+        Err(errno) => {
+            say(
+                sys,
+                format_args!("kqemu-run: no memory for guest RAM: errno {errno}\n"),
+            );
+            return Err(STATUS_RUNNER_FAILED);
+        }
     };
     let ram_addr = ram.as_ptr() as u64;
     let Ok(ram) = GuestRam::new(ram, 0) else {
@@ -195,9 +345,9 @@ fn run_linux_inner<'a, S: GuestSystem>(
     }
     // The client's side of INIT: dirty bytes (all dirty: this client
     // translates no code) and the three list pages.
-    let (Some((dirty_addr, dirty)), Some((lists, _))) =
-        (region(sys, LINUX_RAM_SIZE / PAGE), region(sys, 3 * PAGE))
-    else {
+    let dirty = region(sys, &mut backing, LINUX_RAM_SIZE / PAGE);
+    let lists = region(sys, &mut backing, 3 * PAGE);
+    let (Ok((dirty_addr, dirty)), Ok((lists, _))) = (dirty, lists) else {
         say(sys, format_args!("kqemu-run: no memory for INIT\n"));
         return Err(STATUS_RUNNER_FAILED);
     };
@@ -272,7 +422,6 @@ fn run_linux_inner<'a, S: GuestSystem>(
     }
     let end = end.unwrap_or_else(|| cpu.sys.cycles());
     let sys = cpu.sys;
-    let _ = sys.close(fd);
     match failure {
         Some(StepError::Exec(errno)) => say(
             sys,
@@ -301,6 +450,40 @@ fn run_linux_inner<'a, S: GuestSystem>(
         }
         (Some(_), _) => Err(STATUS_RUNNER_FAILED),
     };
+    drop(linux);
+    let status = match (status, backing) {
+        (Ok(status), Backing::File { fd: file, .. }) => {
+            let checked = check_shared_file(sys, file, ram_addr, LINUX_RAM_SIZE).map(|()| status);
+            // The file goes before /dev/kqemu is closed: its last mapping
+            // and descriptor are gone while the module still holds some
+            // of its pages, which must outlive the file until the close
+            // unholds them (FreeBSD keeps held pages wired).
+            let regions = [
+                (ram_addr, LINUX_RAM_SIZE),
+                (dirty_addr, LINUX_RAM_SIZE / PAGE),
+                (lists, 3 * PAGE),
+            ];
+            let mut released = Ok(());
+            for (addr, len) in regions {
+                released = released.and(sys.munmap(addr, len));
+            }
+            released = released.and(sys.close(file));
+            match released {
+                Err(errno) => {
+                    say(
+                        sys,
+                        format_args!(
+                            "kqemu-run: ram file: munmap/close before closing /dev/kqemu: errno {errno}\n"
+                        ),
+                    );
+                    Err(STATUS_RUNNER_FAILED)
+                }
+                Ok(()) => checked,
+            }
+        }
+        (status, _) => status,
+    };
+    let _ = sys.close(fd);
     say(
         sys,
         format_args!(
@@ -397,8 +580,30 @@ mod tests {
             files,
             argv,
             envp: &[],
+            ram_file: None,
         };
         run_linux(sys, Box::new(Quiet), CpuFeatures::default(), &run)
+    }
+
+    #[test]
+    fn a_ram_file_that_cannot_be_created_fails_the_run() {
+        let mut sys = NoDevice {
+            files: vec![(c"/x", b"\x7fELF\x02".to_vec())],
+            stderr: String::new(),
+        };
+        let run = LinuxRun {
+            files: &[c"/x"],
+            argv: &["/x"],
+            envp: &[],
+            ram_file: Some(c"/tmp/ram"),
+        };
+        let status = run_linux(&mut sys, Box::new(Quiet), CpuFeatures::default(), &run);
+        assert_eq!(status, STATUS_RUNNER_FAILED);
+        assert!(
+            sys.stderr.contains("cannot create /tmp/ram: errno 78"),
+            "{}",
+            sys.stderr
+        );
     }
 
     #[test]

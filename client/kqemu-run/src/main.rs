@@ -9,10 +9,12 @@
 //! activator (sys/kern/imgact_elf.c) accepts the binary.
 //!
 //! Usage: `kqemu-run [--kldunload] [--exit-open] [--bench N]`. Exit status 0 when every check
-//! passed, 1 otherwise. `kqemu-run --linux [--file PATH]... -- PROGRAM
-//! ARGS...`: runs a static Linux program (busybox, a tiny guest; amd64 or
-//! i386) through KQEMU_EXEC with the client core as its OS and this
-//! process's environment (linux.rs); its exit status.
+//! passed, 1 otherwise. `kqemu-run --linux [--file PATH]... [--ram-file
+//! PATH] -- PROGRAM ARGS...`: runs a static Linux program (busybox, a tiny
+//! guest; amd64 or i386) through KQEMU_EXEC with the client core as its OS
+//! and this process's environment (linux.rs); its exit status.
+//! `--ram-file PATH`: guest memory from a shared file at PATH, created and
+//! unlinked at once, as QEMU does on Linux (linux.rs).
 //! `kqemu-run --signal-close PATH`: a signal handler closes /dev/kqemu
 //! while PATH (a guest that spins) runs through KQEMU_EXEC; `--thread-close
 //! PATH`: a second thread does (concurrency.rs).
@@ -37,7 +39,7 @@ mod ramchecks;
 use kqemu::abi::{KqemuCpuState, KQEMU_EXEC};
 use kqemu_run::{
     errno, run_checks, run_linux, Console, CpuFeatures, FxArea, GuestSystem, LinuxRun, Options,
-    System, O_RDONLY,
+    System, O_RDONLY, O_RDWR,
 };
 
 /// __FreeBSD_version of the oldest release the binary is for (14.0).
@@ -72,12 +74,20 @@ const SYS_READ: u64 = 3;
 const SYS_WRITE: u64 = 4;
 const SYS_OPEN: u64 = 5;
 const SYS_CLOSE: u64 = 6;
+const SYS_UNLINK: u64 = 10;
 const SYS_IOCTL: u64 = 54;
 const SYS_MUNMAP: u64 = 73;
 const SYS_CLOCK_GETTIME: u64 = 232;
 const SYS_KLDUNLOAD: u64 = 305;
 const SYS_KLDFIND: u64 = 306;
 const SYS_MMAP: u64 = 477;
+const SYS_FTRUNCATE: u64 = 480;
+
+/// sys/sys/fcntl.h.
+const O_CREAT: u64 = 0x0200;
+const O_TRUNC: u64 = 0x0400;
+/// The mode QEMU's kqemu_vmalloc gives its RAM file.
+const RAM_FILE_MODE: u64 = 0o600;
 
 /// sys/sys/mman.h.
 const PROT_READ: u64 = 0x1;
@@ -276,17 +286,20 @@ fn cpu_features() -> CpuFeatures {
     }
 }
 
-/// `--linux [--file PATH]... -- PROGRAM ARGS...`, run with `envp`.
+/// `--linux [--file PATH]... [--ram-file PATH] -- PROGRAM ARGS...`, run
+/// with `envp`.
 fn linux_main(args: &[&CStr], envp: &[&str]) -> ! {
     let Some(split) = args.iter().position(|a| a.to_bytes() == b"--") else {
         usage()
     };
     let (options, program) = (&args[..split], &args[split + 1..]);
     let mut files: Vec<&CStr> = Vec::new();
+    let mut ram_file = None;
     let mut it = options.iter();
     while let Some(opt) = it.next() {
         match (opt.to_bytes(), it.next()) {
             (b"--file", Some(path)) => files.push(path),
+            (b"--ram-file", Some(path)) if ram_file.is_none() => ram_file = Some(*path),
             _ => usage(),
         }
     }
@@ -311,6 +324,7 @@ fn linux_main(args: &[&CStr], envp: &[&str]) -> ! {
         files: &files,
         argv: &argv,
         envp,
+        ram_file,
     };
     let status = run_linux(&mut FreeBsd, Box::new(console), cpu_features(), &run);
     exit(status as u64)
@@ -444,6 +458,37 @@ impl GuestSystem for FreeBsd {
             Ok(rax as i32)
         }
     }
+
+    fn create_file(&mut self, path: &CStr) -> Result<i32, i32> {
+        let flags = O_CREAT | O_TRUNC | O_RDWR as u64;
+        syscall(
+            SYS_OPEN,
+            [path.as_ptr() as u64, flags, RAM_FILE_MODE, 0, 0, 0],
+        )
+        .map(|fd| fd as i32)
+    }
+
+    fn unlink(&mut self, path: &CStr) -> Result<(), i32> {
+        syscall(SYS_UNLINK, [path.as_ptr() as u64, 0, 0, 0, 0, 0]).map(|_| ())
+    }
+
+    fn ftruncate(&mut self, fd: i32, len: u64) -> Result<(), i32> {
+        syscall(SYS_FTRUNCATE, [fd as u64, len, 0, 0, 0, 0]).map(|_| ())
+    }
+
+    fn mmap_shared_file(&mut self, fd: i32, len: u64, offset: u64) -> Result<u64, i32> {
+        syscall(
+            SYS_MMAP,
+            [
+                0,
+                len,
+                PROT_READ | PROT_WRITE,
+                MAP_SHARED,
+                fd as u64,
+                offset,
+            ],
+        )
+    }
 }
 
 /// The process entry: `sp` points at argc, then argv[], NULL, envp[].
@@ -530,7 +575,7 @@ extern "C" fn start(sp: *const u64) -> ! {
 fn usage() -> ! {
     FreeBsd.print(
         b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N]\n\
-          | --linux [--file PATH]... -- PROGRAM ARGS...\n\
+          | --linux [--file PATH]... [--ram-file PATH] -- PROGRAM ARGS...\n\
           | --signal-close PATH\n\
           | --ram-checks limit|munmap\n",
     );

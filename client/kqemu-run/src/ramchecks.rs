@@ -20,14 +20,12 @@ use kqemu::abi::{
     seg, KqemuCpuState, KqemuInit, KqemuPhysMem, KqemuSegmentCache, KQEMU_EXEC, KQEMU_INIT,
     KQEMU_IO_MEM_RAM, KQEMU_RET_SOFTMMU, KQEMU_SET_PHYS_MEM,
 };
+use kqemu_run::checks::{allocate, ioctl_with, summary, Buffers, Report, PAGE, RAM_SIZE};
 use kqemu_run::errno::EFAULT;
-use kqemu_run::{Line, System, O_RDWR};
+use kqemu_run::{System, O_RDWR};
 
 /// ENOMEM (sys/sys/errno.h).
 const ENOMEM: i32 = 12;
-const PAGE: u64 = 4096;
-/// Guest RAM of the checks: 1 MiB, 256 pages, one page of dirty bytes.
-const RAM_SIZE: u64 = 1 << 20;
 /// Guest-physical (= linear: paging is off) places in guest RAM.
 const GDT: u64 = 0x1000;
 const CODE: u64 = 0x2000;
@@ -61,44 +59,6 @@ const MAP_FIXED: u64 = 0x10;
 /// A dirty byte of a page the client has not translated code from.
 const ALL_DIRTY: u8 = 0xff;
 
-struct Report<'s, S: System> {
-    sys: &'s mut S,
-    passed: u32,
-    failed: u32,
-}
-
-impl<S: System> Report<'_, S> {
-    fn result(&mut self, ok: bool, name: &str, detail: core::fmt::Arguments<'_>) {
-        let mut line = Line::default();
-        let _ = writeln!(
-            line,
-            "{} {name}: {detail}",
-            if ok { "PASS" } else { "FAIL" }
-        );
-        self.sys.print(line.as_bytes());
-        if ok {
-            self.passed += 1;
-        } else {
-            self.failed += 1;
-        }
-    }
-
-    fn expect<T: core::fmt::Debug>(
-        &mut self,
-        name: &str,
-        got: Result<T, i32>,
-        want: Result<(), i32>,
-    ) -> bool {
-        let ok = match (&got, want) {
-            (Ok(_), Ok(())) => true,
-            (Err(e), Err(w)) => *e == w,
-            _ => false,
-        };
-        self.result(ok, name, format_args!("{got:?} (want {want:?})"));
-        ok
-    }
-}
-
 /// Which checks `--ram-checks` runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RamChecks {
@@ -116,37 +76,9 @@ impl RamChecks {
     }
 }
 
-/// The buffers INIT names, as QEMU 0.11 allocates them.
-struct Buffers {
-    ram: u64,
-    dirty: u64,
-    lists: u64,
-}
-
-impl Buffers {
-    fn init(&self) -> KqemuInit {
-        KqemuInit {
-            ram_base: self.ram,
-            ram_size: RAM_SIZE,
-            ram_dirty: self.dirty,
-            pages_to_flush: self.lists,
-            ram_pages_to_update: self.lists + PAGE,
-            modified_ram_pages: self.lists + 2 * PAGE,
-        }
-    }
-}
-
-fn ioctl_with<S: System, T>(sys: &mut S, fd: i32, cmd: u32, arg: &mut T) -> Result<i32, i32> {
-    sys.ioctl(fd, cmd, (arg as *mut T).cast::<u8>())
-}
-
 /// Runs the checks; the process's exit status (0: all passed).
 pub fn run<S: System>(sys: &mut S, which: RamChecks) -> i32 {
-    let mut r = Report {
-        sys,
-        passed: 0,
-        failed: 0,
-    };
+    let mut r = Report::new(sys);
     let got = r.sys.open(c"/dev/kqemu", O_RDWR);
     if r.expect("open-rdwr", got, Ok(())) {
         if let Ok(fd) = got {
@@ -158,31 +90,8 @@ pub fn run<S: System>(sys: &mut S, which: RamChecks) -> i32 {
             r.expect("close", closed, Ok(()));
         }
     }
-    let (passed, failed) = (r.passed, r.failed);
-    let mut line = Line::default();
-    let _ = writeln!(line, "kqemu-run: {passed} passed, {failed} failed");
-    r.sys.print(line.as_bytes());
+    let (_, failed) = summary(r);
     i32::from(failed != 0)
-}
-
-fn allocate<S: System>(r: &mut Report<'_, S>) -> Option<Buffers> {
-    let ram = r.sys.mmap_shared_anon(RAM_SIZE);
-    let dirty = r.sys.mmap_shared_anon(RAM_SIZE / PAGE);
-    let lists = r.sys.mmap_shared_anon(3 * PAGE);
-    match (ram, dirty, lists) {
-        (Ok(ram), Ok(dirty), Ok(lists)) => {
-            r.result(
-                true,
-                "mmap-guest-ram",
-                format_args!("ram {ram:#x} dirty {dirty:#x} lists {lists:#x}"),
-            );
-            Some(Buffers { ram, dirty, lists })
-        }
-        other => {
-            r.result(false, "mmap-guest-ram", format_args!("{other:?}"));
-            None
-        }
-    }
 }
 
 /// INIT past `hw.kqemu.max_locked_pages`: ENOMEM, and nothing held.

@@ -337,6 +337,36 @@ pub fn set_tls_descriptors(descriptors: [u64; 3]) {
     }
 }
 
+/// What an RPL-3 GDT selector names: the flat user data segment, or a
+/// present DPL-3 code/data TLS descriptor (its bits); None otherwise.
+enum UserSegment {
+    FlatData,
+    Tls(u64),
+}
+
+fn user_segment(selector: u16) -> Option<UserSegment> {
+    if selector & 7 != 3 {
+        return None;
+    }
+    let index = usize::from(selector >> 3);
+    if index == usize::from(USER_DS >> 3) {
+        return Some(UserSegment::FlatData);
+    }
+    if !(GDT_TLS_FIRST..GDT_TLS_FIRST + 3).contains(&index) {
+        return None;
+    }
+    // SAFETY: single CPU; reading our own GDT.
+    let desc = unsafe { (*addr_of_mut!(GDT))[index] };
+    let present = desc & (1 << 47) != 0;
+    let dpl3 = (desc >> 45) & 3 == 3;
+    let code_or_data = desc & (1 << 44) != 0;
+    (present && dpl3 && code_or_data).then_some(UserSegment::Tls(desc))
+}
+
+/// Descriptor type bits: code (else data) and readable code / writable data.
+const DESC_CODE: u64 = 1 << 43;
+const DESC_READ_WRITE: u64 = 1 << 41;
+
 /// True when `selector` may be loaded into a user data segment register:
 /// null, or RPL 3 naming the user data segment or a present DPL-3 data /
 /// readable-code TLS descriptor. Anything else would fault in ring 0.
@@ -344,48 +374,22 @@ pub fn user_data_selector_ok(selector: u16) -> bool {
     if selector & !3 == 0 {
         return true;
     }
-    if selector & 7 != 3 {
-        return false;
+    match user_segment(selector) {
+        Some(UserSegment::FlatData) => true,
+        Some(UserSegment::Tls(desc)) => desc & DESC_CODE == 0 || desc & DESC_READ_WRITE != 0,
+        None => false,
     }
-    let index = usize::from(selector >> 3);
-    if index == usize::from(USER_DS >> 3) {
-        return true;
-    }
-    if !(GDT_TLS_FIRST..GDT_TLS_FIRST + 3).contains(&index) {
-        return false;
-    }
-    // SAFETY: single CPU; reading our own GDT.
-    let desc = unsafe { (*addr_of_mut!(GDT))[index] };
-    let present = desc & (1 << 47) != 0;
-    let dpl3 = (desc >> 45) & 3 == 3;
-    let code_or_data = desc & (1 << 44) != 0;
-    let code = desc & (1 << 43) != 0;
-    let readable = desc & (1 << 41) != 0;
-    present && dpl3 && code_or_data && (!code || readable)
 }
 
 /// True when `selector` may be loaded into SS at CPL 3 (what `iretq` checks,
 /// SDM vol. 3A, 5.7 and vol. 2B MOV): RPL 3 naming the user data segment or a
 /// present DPL-3 writable data TLS descriptor. Anything else would fault in ring 0.
 pub fn user_stack_selector_ok(selector: u16) -> bool {
-    if selector & 7 != 3 {
-        return false;
+    match user_segment(selector) {
+        Some(UserSegment::FlatData) => true,
+        Some(UserSegment::Tls(desc)) => desc & DESC_CODE == 0 && desc & DESC_READ_WRITE != 0,
+        None => false,
     }
-    let index = usize::from(selector >> 3);
-    if index == usize::from(USER_DS >> 3) {
-        return true;
-    }
-    if !(GDT_TLS_FIRST..GDT_TLS_FIRST + 3).contains(&index) {
-        return false;
-    }
-    // SAFETY: single CPU; reading our own GDT.
-    let desc = unsafe { (*addr_of_mut!(GDT))[index] };
-    let present = desc & (1 << 47) != 0;
-    let dpl3 = (desc >> 45) & 3 == 3;
-    let code_or_data = desc & (1 << 44) != 0;
-    let code = desc & (1 << 43) != 0;
-    let writable = desc & (1 << 41) != 0;
-    present && dpl3 && code_or_data && !code && writable
 }
 
 /// Selector of the user code segment for a 32-bit (compatibility mode)

@@ -11,12 +11,19 @@
 use super::kpi::{peek, poke};
 use super::layout::Layout;
 use crate::{fail, x86};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// The personality's one thread and pcpu, and its layout; 0 before boot.
 static THREAD: AtomicU64 = AtomicU64::new(0);
 static PCPU: AtomicU64 = AtomicU64::new(0);
 static LAYOUT: AtomicU64 = AtomicU64::new(0);
+/// PCPU(cpuid) as last set (`testbed.cpuid`, 0 by default).
+static CPUID: AtomicU32 = AtomicU32::new(0);
+/// The CPU indices the thread moves through, one per ioctl
+/// ([`set_cpuids`]); `CPUIDS_LEN` of them are set.
+pub const MAX_CPUIDS: usize = 4;
+static CPUIDS: [AtomicU32; MAX_CPUIDS] = [const { AtomicU32::new(0) }; MAX_CPUIDS];
+static CPUIDS_LEN: AtomicU64 = AtomicU64::new(0);
 
 /// Counters for the end-of-run check.
 static ENTERED: AtomicU64 = AtomicU64::new(0);
@@ -43,6 +50,8 @@ const PTE_FRAME: u64 = 0x000f_ffff_ffff_f000;
 /// What the run's end reports (`critical-sections` check).
 pub struct Summary {
     pub cpuid: u32,
+    /// What [`set_cpuid`] made it.
+    pub cpuid_set: u32,
     pub critnest: u32,
     pub owepreempt: u8,
     pub entered: u64,
@@ -62,6 +71,27 @@ pub fn boot(layout: &'static Layout, pcpu: u64, thread: u64) {
     // SAFETY: the boot's zeroed pcpu block, offsets from the headers.
     unsafe { poke(pcpu + layout.pcpu_pc_fpcurthread, thread) };
     THREAD.store(thread, Ordering::Release);
+}
+
+/// Makes this the CPU with index `cpuids[0]` (PCPU(cpuid), which the
+/// module reads in kqemu_cpu_enter): a host with more CPUs than the
+/// module has switcher blocks (`testbed.cpuid`). With more indices, each
+/// ioctl runs on the next one, as a thread the scheduler migrates between
+/// ioctls. At most [`MAX_CPUIDS`] are kept.
+pub fn set_cpuids(cpuids: &[u32]) {
+    let cpuids = &cpuids[..cpuids.len().min(MAX_CPUIDS)];
+    for (slot, &cpuid) in CPUIDS.iter().zip(cpuids) {
+        slot.store(cpuid, Ordering::Relaxed);
+    }
+    CPUIDS_LEN.store(cpuids.len() as u64, Ordering::Relaxed);
+    set_cpuid(cpuids.first().copied().unwrap_or(0));
+}
+
+fn set_cpuid(cpuid: u32) {
+    let (l, pcpu, _) = booted();
+    // SAFETY: the personality's pcpu block; pc_cpuid is a u_int.
+    unsafe { poke(pcpu + l.pcpu_pc_cpuid, cpuid) };
+    CPUID.store(cpuid, Ordering::Relaxed);
 }
 
 fn parts() -> Option<(&'static Layout, u64, u64)> {
@@ -215,7 +245,12 @@ pub fn signal_ast(l: &Layout) {
 /// running guest code on the FPU.
 pub fn before_ioctl() {
     let (l, pcpu, _) = booted();
-    if IOCTLS.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+    let n = IOCTLS.fetch_add(1, Ordering::Relaxed);
+    let cpuids = CPUIDS_LEN.load(Ordering::Relaxed);
+    if cpuids > 1 {
+        set_cpuid(CPUIDS[(n % cpuids) as usize].load(Ordering::Relaxed));
+    }
+    if n % 2 == 1 {
         // SAFETY: the personality's pcpu; the testbed's kernel and the
         // module (check-kld's fpu-instructions) use no FPU instruction
         // until fpudna() clears TS.
@@ -267,6 +302,7 @@ pub fn summary() -> Summary {
     Summary {
         // SAFETY: the personality's pcpu block.
         cpuid: unsafe { peek(pcpu + l.pcpu_pc_cpuid) },
+        cpuid_set: CPUID.load(Ordering::Relaxed),
         critnest: critnest(l, td),
         // SAFETY: the personality's thread block.
         owepreempt: unsafe { peek(td + l.thread_td_owepreempt) },

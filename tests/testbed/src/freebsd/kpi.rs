@@ -485,9 +485,29 @@ impl Kernel {
 
     /// The 4 KiB page-table entries of the user pages in `start..end`
     /// that map a page the module holds: (entry's kernel address, frame).
-    /// Absent tables are skipped whole, so any range is walked quickly.
     pub fn held_ptes(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let held: Vec<u64> = self.books.held.values().map(|e| e.0).collect();
+        self.user_ptes(start, end, |frame| held.contains(&frame))
+            .into_iter()
+            .map(|(_, pte, frame)| (pte, frame))
+            .collect()
+    }
+
+    /// Whether the module holds the page at `phys`.
+    pub fn is_held(&self, phys: u64) -> bool {
+        self.books.held.values().any(|e| e.0 == phys)
+    }
+
+    /// The 4 KiB page-table entries of the user pages in `start..end`
+    /// whose frame `wanted` accepts: (address, entry's kernel address,
+    /// frame), by address. Absent tables are skipped whole, so any range
+    /// is walked quickly.
+    pub fn user_ptes(
+        &self,
+        start: u64,
+        end: u64,
+        wanted: impl Fn(u64) -> bool,
+    ) -> Vec<(u64, u64, u64)> {
         let mut found = Vec::new();
         let end = end.min(kqemu::abi::USER_ADDRESS_LIMIT);
         let mut va = start & !(PAGE_SIZE - 1);
@@ -505,8 +525,8 @@ impl Kernel {
                     break;
                 }
                 if level == 0 {
-                    if held.contains(&(entry & PTE_FRAME)) {
-                        found.push((at, entry & PTE_FRAME));
+                    if wanted(entry & PTE_FRAME) {
+                        found.push((va, at, entry & PTE_FRAME));
                     }
                     break;
                 }
@@ -528,15 +548,40 @@ impl Kernel {
     /// VM_PROT_* values): a new entry with an object of its own, replacing
     /// what was mapped there (MAP_FIXED).
     pub fn mapped(&mut self, start: u64, len: u64, prot: u64) {
-        let end = start.saturating_add(len);
-        self.note_map_change(start, end);
-        self.remove_entries(start, end);
+        let object = self.new_object();
+        self.mapped_object(start, len, prot, object, 0);
+    }
+
+    /// A new `struct vm_object` with one reference (the caller's).
+    pub fn new_object(&mut self) -> u64 {
         let object = self
             .free_objects
             .pop()
             .unwrap_or_else(|| Block::new(self.layout.sizeof_vm_object, 64));
         self.objects.insert(object.addr, (object, 1));
-        let entry = MapEntry::new(self.layout, start, end, object.addr, 0, prot as u8);
+        object.addr
+    }
+
+    /// The caller gives back its reference on `object` (from `new_object`).
+    pub fn drop_object(&mut self, object: u64) {
+        self.object_release(object);
+    }
+
+    /// mmap(2) of a file mapped `start..start+len` with `prot` from
+    /// `offset` of the file's `object` (vm_mmap_vnode: every mapping of
+    /// one file shares the vnode's object; the entry takes a reference).
+    pub fn mapped_file(&mut self, start: u64, len: u64, prot: u64, object: u64, offset: u64) {
+        self.object_ref(object);
+        self.mapped_object(start, len, prot, object, offset);
+    }
+
+    /// A new entry for `object` (whose reference it takes over),
+    /// replacing what was mapped there (MAP_FIXED).
+    fn mapped_object(&mut self, start: u64, len: u64, prot: u64, object: u64, offset: u64) {
+        let end = start.saturating_add(len);
+        self.note_map_change(start, end);
+        self.remove_entries(start, end);
+        let entry = MapEntry::new(self.layout, start, end, object, offset, prot as u8);
         let at = self.entries.partition_point(|e| e.start < start);
         self.entries.insert(at, entry);
         self.map_changed();

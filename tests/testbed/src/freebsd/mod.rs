@@ -59,6 +59,13 @@ const PTE_FRAME: u64 = 0x000f_ffff_ffff_f000;
 
 const MODULE_PATH: &str = "/boot/modules/kqemu.ko";
 const RELEASE_PATH: &str = "/boot/testbed-release";
+/// The kenv variable (`--tunable`) that makes the personality's CPU one
+/// with a high index (PCPU(cpuid)), as on a host with many CPUs; a comma
+/// list of up to `cpu::MAX_CPUIDS` indices moves it to the next one at
+/// each ioctl.
+const CPUID_TUNABLE: &str = "testbed.cpuid";
+/// MAXCPU of FreeBSD amd64 (sys/amd64/include/param.h).
+const MAXCPU: u32 = 1024;
 const LOADER_CONF: &str = "/boot/loader.conf";
 /// The module's devfs node and the contract's defaults for it.
 const DEVICE_NAME: &str = "kqemu";
@@ -75,6 +82,7 @@ pub enum KldError {
     Release(String),
     Ram,
     Channel,
+    CpuId(String),
 }
 
 impl fmt::Display for KldError {
@@ -85,6 +93,11 @@ impl fmt::Display for KldError {
             KldError::Release(r) => write!(f, "FreeBSD release {r:?} is not 14 or 15"),
             KldError::Ram => write!(f, "no room for the module area in guest RAM"),
             KldError::Channel => write!(f, "the host channel is stuck"),
+            KldError::CpuId(v) => write!(
+                f,
+                "{CPUID_TUNABLE}={v:?} is not 1 to {} CPU indices below MAXCPU ({MAXCPU})",
+                cpu::MAX_CPUIDS
+            ),
         }
     }
 }
@@ -315,6 +328,19 @@ impl KldRun<'_> {
             .and_then(|(_, v)| sysctl::parse_int(v))
             .and_then(|v| u32::try_from(v).ok())
             .unwrap_or(DEFAULT_GID);
+        let mut cpuids = Vec::new();
+        if let Some((_, v)) = kenv.iter().find(|(n, _)| n == CPUID_TUNABLE) {
+            for c in v.split(',') {
+                let c = sysctl::parse_int(c)
+                    .and_then(|c| u32::try_from(c).ok())
+                    .filter(|&c| c < MAXCPU)
+                    .ok_or_else(|| KldError::CpuId(v.clone()))?;
+                cpuids.push(c);
+            }
+            if cpuids.len() > cpu::MAX_CPUIDS {
+                return Err(KldError::CpuId(v.clone()));
+            }
+        }
 
         // The module area: the first 2 MiB-aligned 8 MiB of guest RAM;
         // the client's RAM is what follows it.
@@ -326,6 +352,7 @@ impl KldRun<'_> {
         }
         map_module_area(area);
         kpi::boot(release, kenv).ok_or(KldError::Release(release_text))?;
+        cpu::set_cpuids(&cpuids);
         kpi::enter_kernel();
         let mut checks = Checks::new();
         let (printed, expected) = printf::selftest();
@@ -563,12 +590,13 @@ fn books_checks(checks: &mut Checks) {
     );
     let c = cpu::summary();
     checks.check(
-        c.cpuid == 0 && c.critnest == 0 && c.owepreempt == 0 && c.entered == c.left,
+        c.cpuid == c.cpuid_set && c.critnest == 0 && c.owepreempt == 0 && c.entered == c.left,
         "critical-sections",
         format_args!(
-            "PCPU cpuid {}, td_critnest {}, td_owepreempt {}; {} entered, {} left; {} ticks in the module, \
+            "PCPU cpuid {} (set {}), td_critnest {}, td_owepreempt {}; {} entered, {} left; {} ticks in the module, \
              {} preemptions deferred, {} ASTs at return to user; fpudna {} calls",
             c.cpuid,
+            c.cpuid_set,
             c.critnest,
             c.owepreempt,
             c.entered, c.left, c.ticks, c.deferred, c.asts, c.fpudna

@@ -10,6 +10,7 @@ use crate::channel::Channel;
 use crate::log;
 use crate::user::UserCpu;
 use crate::x86;
+use alloc::collections::BTreeMap;
 use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
@@ -25,6 +26,7 @@ const SYS_READ: u64 = 3;
 const SYS_WRITE: u64 = 4;
 const SYS_OPEN: u64 = 5;
 const SYS_CLOSE: u64 = 6;
+const SYS_UNLINK: u64 = 10;
 const SYS_GETPID: u64 = 20;
 const SYS_KILL: u64 = 37;
 const SYS_IOCTL: u64 = 54;
@@ -41,6 +43,20 @@ const SYS_THR_EXIT: u64 = 431;
 const SYS_THR_SELF: u64 = 432;
 const SYS_THR_NEW: u64 = 455;
 const SYS_MMAP: u64 = 477;
+const SYS_FTRUNCATE: u64 = 480;
+
+/// sys/sys/fcntl.h.
+const O_CREAT: u64 = 0x0200;
+const O_TRUNC: u64 = 0x0400;
+const O_EXCL: u64 = 0x0800;
+/// FFLAGS() bit of a descriptor open for writing (sys/sys/fcntl.h).
+const FWRITE: u64 = 0x0002;
+/// The writable directory of the process (tmpfs, one level: regular
+/// files only).
+const TMP_DIR: &str = "/tmp/";
+/// EACCES (sys/sys/errno.h): a shared writable mapping of a descriptor
+/// not open for writing (vm_mmap_vnode).
+const EACCES: i32 = 13;
 
 /// sys/sys/mman.h.
 const MAP_SHARED: u64 = 0x1;
@@ -85,6 +101,43 @@ enum Fd {
     /// A regular file of the guest archive, read-only: its bytes and the
     /// file offset.
     File(Vec<u8>, usize),
+    /// A file of /tmp: its id and the descriptor's FFLAGS.
+    Tmp(u32, u64),
+}
+
+/// A regular file of /tmp (tmpfs): its pages are physical frames of the
+/// process's RAM, the same frames in every mapping of the file (the
+/// vnode's vm_object); it lives while it has a name, a descriptor or a
+/// mapped page, and its frames the module holds outlive it until their
+/// last unhold (vm_page_unhold_pages frees an unwired page of a dead
+/// object).
+struct TmpFile {
+    name: Option<String>,
+    size: u64,
+    /// Frame of each page (0: not yet allocated, reads as zeros) and the
+    /// number of page-table entries mapping it.
+    pages: Vec<(u64, u32)>,
+    fds: u32,
+    object: u64,
+}
+
+/// The /tmp files and their books for the `tmpfs-pages` check.
+#[derive(Default)]
+struct Tmpfs {
+    files: BTreeMap<u32, TmpFile>,
+    next: u32,
+    /// Frame → (file, page index) of every live file page.
+    frames: BTreeMap<u64, (u32, usize)>,
+    created: u32,
+    pages_allocated: u64,
+    pages_freed: u64,
+    /// Of those, pages freed at their last unhold (their file was gone).
+    pages_freed_at_unhold: u64,
+    /// Pages of dead files the module still held: freed at their last
+    /// unhold (kpi's orphans).
+    orphans: Vec<u64>,
+    /// Pages of files still in /tmp when the process ended.
+    pages_kept: u64,
 }
 
 pub struct Process<'r, 'c> {
@@ -104,6 +157,7 @@ pub struct Process<'r, 'c> {
     thread_exited: bool,
     /// The process was killed (128 + signal) while another thread ran.
     killed: Option<i32>,
+    tmp: Tmpfs,
 }
 
 /// The signal of a CPU exception at ring 3 (trap_pfault, trap()).
@@ -145,6 +199,7 @@ impl<'r, 'c> Process<'r, 'c> {
             slice_over: false,
             thread_exited: false,
             killed: None,
+            tmp: Tmpfs::default(),
         }
     }
 
@@ -280,9 +335,14 @@ impl<'r, 'c> Process<'r, 'c> {
         self.exit_files();
         signal::exit();
         threads::exit();
+        // vmspace_exit: the file pages leave the map first (the files keep
+        // their frames; the unmap must not free them).
+        let top = self.mm.as_ref().map_or(0, Mm::user_top);
+        let _ = self.release_file_pages(0, top);
         if let Some(mm) = self.mm.take() {
             mm.destroy(&mut self.ram);
         }
+        self.tmp_books(checks);
         kpi::with(|k| k.cr3 = 0);
         log!("kld: pid 1 status {status}, {cycles} cycles");
         (status, cycles)
@@ -374,10 +434,136 @@ impl<'r, 'c> Process<'r, 'c> {
     /// exit1: every descriptor is closed (cdevpriv destructors run).
     fn exit_files(&mut self) {
         for fd in 0..self.fds.len() {
-            if let Some(Fd::Device(id)) = self.fds[fd].take() {
-                devfs::close(id);
+            match self.fds[fd].take() {
+                Some(Fd::Device(id)) => {
+                    devfs::close(id);
+                }
+                Some(Fd::Tmp(id, _)) => self.tmp_close(id),
+                _ => {}
             }
         }
+    }
+
+    /// The end of the process: orphaned file pages whose last hold is gone
+    /// are freed, files still in /tmp are kept (their pages counted), and
+    /// the check: every page a /tmp file got was freed with the last of
+    /// its name, descriptors, mappings and holds, or is a kept file's.
+    fn tmp_books(&mut self, checks: &mut Checks) {
+        if self.tmp.created == 0 {
+            return;
+        }
+        self.free_released_orphans();
+        let ids: Vec<u32> = self.tmp.files.keys().copied().collect();
+        for id in ids {
+            if let Some(file) = self.tmp.files.remove(&id) {
+                for &(frame, _) in &file.pages {
+                    if frame != 0 {
+                        self.tmp.frames.remove(&frame);
+                        self.ram.free_frame(frame);
+                        self.tmp.pages_kept += 1;
+                    }
+                }
+                kpi::with(|k| k.drop_object(file.object));
+            }
+        }
+        let t = &self.tmp;
+        checks.check(
+            t.pages_allocated == t.pages_freed + t.pages_kept && t.orphans.is_empty(),
+            "tmpfs-pages",
+            format_args!(
+                "{} files created; {} pages allocated, {} freed ({} at their last unhold), {} in files left in /tmp, {} still held",
+                t.created,
+                t.pages_allocated,
+                t.pages_freed,
+                t.pages_freed_at_unhold,
+                t.pages_kept,
+                t.orphans.len()
+            ),
+        );
+    }
+
+    /// Frees the frames of kpi's released orphans (see `keep_held_pages`),
+    /// counting those that were /tmp file pages.
+    fn free_released_orphans(&mut self) {
+        let released = kpi::with(|k| core::mem::take(&mut k.books.orphans_released));
+        for frame in released {
+            if let Some(i) = self.tmp.orphans.iter().position(|&f| f == frame) {
+                self.tmp.orphans.swap_remove(i);
+                self.tmp.pages_freed += 1;
+                self.tmp.pages_freed_at_unhold += 1;
+            }
+            self.ram.free_frame(frame);
+        }
+    }
+
+    /// One descriptor of file `id` less.
+    fn tmp_close(&mut self, id: u32) {
+        if let Some(file) = self.tmp.files.get_mut(&id) {
+            file.fds = file.fds.saturating_sub(1);
+        }
+        self.tmp_maybe_free(id);
+    }
+
+    /// Frees file `id` when it has no name, descriptor or mapped page:
+    /// its frames go back to RAM, those the module holds wait for their
+    /// last unhold (kpi's orphans).
+    fn tmp_maybe_free(&mut self, id: u32) {
+        let dead = self.tmp.files.get(&id).is_some_and(|f| {
+            f.name.is_none() && f.fds == 0 && f.pages.iter().all(|&(_, maps)| maps == 0)
+        });
+        if !dead {
+            return;
+        }
+        let Some(file) = self.tmp.files.remove(&id) else {
+            return;
+        };
+        for &(frame, _) in &file.pages {
+            if frame == 0 {
+                continue;
+            }
+            self.tmp.frames.remove(&frame);
+            if kpi::with(|k| k.is_held(frame)) {
+                kpi::with(|k| k.books.orphans.push(frame));
+                self.tmp.orphans.push(frame);
+            } else {
+                self.ram.free_frame(frame);
+                self.tmp.pages_freed += 1;
+            }
+        }
+        kpi::with(|k| k.drop_object(file.object));
+    }
+
+    /// The file pages mapped in `start..end` leave the page tables: each
+    /// entry gets a fresh frame (which the unmap that follows frees) and
+    /// the file page one mapping less.
+    fn release_file_pages(&mut self, start: u64, end: u64) -> Result<(), i32> {
+        if self.tmp.frames.is_empty() {
+            return Ok(());
+        }
+        let frames = &self.tmp.frames;
+        let mapped = kpi::with(|k| k.user_ptes(start, end, |f| frames.contains_key(&f)));
+        let mut touched = Vec::new();
+        for (_, pte, frame) in mapped {
+            let fresh = self.ram.alloc_frame().map_err(errno)?;
+            kpi::with(|k| k.replace_frame(pte, fresh));
+            if let Some(&(id, index)) = self.tmp.frames.get(&frame) {
+                if let Some(page) = self
+                    .tmp
+                    .files
+                    .get_mut(&id)
+                    .and_then(|f| f.pages.get_mut(index))
+                {
+                    page.1 = page.1.saturating_sub(1);
+                }
+                if !touched.contains(&id) {
+                    touched.push(id);
+                }
+            }
+        }
+        for id in touched {
+            self.tmp_maybe_free(id);
+        }
+        Ok(())
     }
 
     fn syscall(
@@ -401,6 +587,8 @@ impl<'r, 'c> Process<'r, 'c> {
             SYS_WRITE => self.write(args),
             SYS_OPEN => self.open(args, fs),
             SYS_CLOSE => self.close(args),
+            SYS_UNLINK => self.unlink(args),
+            SYS_FTRUNCATE => self.ftruncate(args),
             SYS_GETPID => Ok(1),
             SYS_IOCTL => self.ioctl(args, fs, loaded, checks),
             SYS_MUNMAP => self.munmap(args),
@@ -489,6 +677,10 @@ impl<'r, 'c> Process<'r, 'c> {
             // No d_read in the module's cdevsw: no_read (prep_cdevsw).
             Fd::Device(_) => Err(kpi::with(|k| k.layout.ENODEV as i32)),
             Fd::File(..) => self.read_file(a),
+            Fd::Tmp(..) => {
+                log!("kld: read(2) of a /tmp file is not served (only mmap): EOPNOTSUPP");
+                Err(kpi::with(|k| k.layout.EOPNOTSUPP as i32))
+            }
         }
     }
 
@@ -514,6 +706,10 @@ impl<'r, 'c> Process<'r, 'c> {
             Fd::Stdin => return Err(kpi::with(|k| k.layout.EBADF as i32)),
             Fd::Device(_) => return Err(kpi::with(|k| k.layout.ENODEV as i32)),
             Fd::File(..) => return Err(kpi::with(|k| k.layout.EBADF as i32)),
+            Fd::Tmp(..) => {
+                log!("kld: write(2) to a /tmp file is not served (only mmap): EOPNOTSUPP");
+                return Err(kpi::with(|k| k.layout.EOPNOTSUPP as i32));
+            }
         };
         let len = a[2].min(IO_CHUNK);
         let mut buf = vec![0u8; len as usize];
@@ -545,6 +741,12 @@ impl<'r, 'c> Process<'r, 'c> {
             }
             None => return Err(emfile),
         };
+        if let Some(name) = path.strip_prefix(TMP_DIR) {
+            let fflags = ((a[1] & accmode) + 1) | (a[1] & !accmode);
+            let id = self.tmp_open(name, a[1], fflags)?;
+            self.fds[slot] = Some(Fd::Tmp(id, fflags));
+            return Ok(slot as u64);
+        }
         let Some(name) = path.strip_prefix("/dev/") else {
             // A regular file of the guest archive, for reading only.
             if a[1] & accmode != 0 {
@@ -568,6 +770,10 @@ impl<'r, 'c> Process<'r, 'c> {
                 0 => Ok(0),
                 e => Err(e),
             },
+            Some(Fd::Tmp(id, _)) => {
+                self.tmp_close(id);
+                Ok(0)
+            }
             _ => Ok(0),
         }
     }
@@ -618,13 +824,18 @@ impl<'r, 'c> Process<'r, 'c> {
     }
 
     /// mmap(2) of anonymous memory (MAP_ANON, shared or private: one
-    /// process, so both are the same pages).
+    /// process, so both are the same pages), or of a /tmp file.
     fn mmap(&mut self, a: [u64; 6]) -> SysResult {
         let (einval, enodev) = kpi::with(|k| (k.layout.EINVAL as i32, k.layout.ENODEV as i32));
         let (addr, len, prot, flags) = (a[0], a[1], a[2], a[3]);
         if flags & MAP_ANON == 0 {
-            log!("kld: mmap of a file is not served yet (issue 7): ENODEV");
-            return Err(enodev);
+            return match self.fd(a[4]) {
+                Ok(&Fd::Tmp(id, fflags)) => self.mmap_tmp(a, id, fflags),
+                _ => {
+                    log!("kld: mmap of a descriptor that is not a /tmp file is not served: ENODEV");
+                    Err(enodev)
+                }
+            };
         }
         if len == 0 || (flags & (MAP_SHARED | MAP_PRIVATE)) == (MAP_SHARED | MAP_PRIVATE) {
             return Err(einval);
@@ -632,6 +843,7 @@ impl<'r, 'c> Process<'r, 'c> {
         let len = len.checked_next_multiple_of(kpi::PAGE_SIZE).ok_or(einval)?;
         let placement = if flags & MAP_FIXED != 0 {
             // Replaces what is mapped there, as munmap would.
+            self.release_file_pages(addr, addr.saturating_add(len))?;
             self.keep_held_pages(addr, addr.saturating_add(len))?;
             Placement::Fixed(addr)
         } else {
@@ -646,6 +858,194 @@ impl<'r, 'c> Process<'r, 'c> {
         Ok(at)
     }
 
+    /// mmap(2) of /tmp file `id` (MAP_SHARED only: a private mapping is
+    /// copy-on-write, not modelled): the file's pages at `offset..` are
+    /// the mapping's pages, allocated (zeroed) on first use; pages past
+    /// the end of the file are refused (FreeBSD maps them and SIGBUSes
+    /// on access, which is not modelled).
+    fn mmap_tmp(&mut self, a: [u64; 6], id: u32, fflags: u64) -> SysResult {
+        let (einval, enodev) = kpi::with(|k| (k.layout.EINVAL as i32, k.layout.ENODEV as i32));
+        let (addr, len, prot, flags, offset) = (a[0], a[1], a[2] & PROT_MASK, a[3], a[5]);
+        if flags & MAP_SHARED == 0 || flags & MAP_PRIVATE != 0 {
+            log!("kld: a private mapping of a file (copy-on-write) is not served: ENODEV");
+            return Err(enodev);
+        }
+        // vm_mmap_vnode: a shared writable mapping needs a writable descriptor.
+        if prot & 0x2 != 0 && fflags & FWRITE == 0 {
+            return Err(EACCES);
+        }
+        if len == 0 || !offset.is_multiple_of(kpi::PAGE_SIZE) {
+            return Err(einval);
+        }
+        let len = len.checked_next_multiple_of(kpi::PAGE_SIZE).ok_or(einval)?;
+        let size = self.tmp.files.get(&id).map_or(0, |f| f.size);
+        let end = offset.checked_add(len).ok_or(einval)?;
+        if end > size.next_multiple_of(kpi::PAGE_SIZE) {
+            log!("kld: mmap past the end of a /tmp file is not modelled: EINVAL");
+            return Err(einval);
+        }
+        let placement = if flags & MAP_FIXED != 0 {
+            self.release_file_pages(addr, addr.saturating_add(len))?;
+            self.keep_held_pages(addr, addr.saturating_add(len))?;
+            Placement::Fixed(addr)
+        } else {
+            self.keep_held_pages(0, 0)?;
+            Placement::Hint(addr)
+        };
+        let (mm, ram) = self.mm();
+        let at = mm
+            .map_region(ram, placement, len, prot as u32)
+            .map_err(errno)?;
+        // The fresh frames map_region put there: each becomes the file's
+        // page, or gives way to the page the file has.
+        let fresh = kpi::with(|k| k.user_ptes(at, at + len, |_| true));
+        let first = (offset / kpi::PAGE_SIZE) as usize;
+        for (va, pte, frame) in fresh {
+            let index = first + ((va - at) / kpi::PAGE_SIZE) as usize;
+            let Some(page) = self
+                .tmp
+                .files
+                .get_mut(&id)
+                .and_then(|f| f.pages.get_mut(index))
+            else {
+                continue;
+            };
+            page.1 += 1;
+            if page.0 == 0 {
+                page.0 = frame;
+                self.tmp.frames.insert(frame, (id, index));
+                self.tmp.pages_allocated += 1;
+            } else {
+                let shared = page.0;
+                kpi::with(|k| k.replace_frame(pte, shared));
+                self.ram.free_frame(frame);
+            }
+        }
+        self.flush = true;
+        let object = self.tmp.files.get(&id).map_or(0, |f| f.object);
+        kpi::with(|k| k.mapped_file(at, len, prot, object, offset));
+        Ok(at)
+    }
+
+    /// open(2) in /tmp: O_CREAT makes a regular file (O_EXCL: EEXIST if
+    /// it exists), O_TRUNC of a writable descriptor empties it.
+    fn tmp_open(&mut self, name: &str, flags: u64, fflags: u64) -> Result<u32, i32> {
+        let (enoent, eexist) = kpi::with(|k| (k.layout.ENOENT as i32, k.layout.EEXIST as i32));
+        if name.is_empty() || name.contains('/') {
+            return Err(enoent);
+        }
+        let found = self
+            .tmp
+            .files
+            .iter()
+            .find(|(_, f)| f.name.as_deref() == Some(name))
+            .map(|(&id, _)| id);
+        let id = match found {
+            Some(_) if flags & (O_CREAT | O_EXCL) == O_CREAT | O_EXCL => return Err(eexist),
+            Some(id) => id,
+            None if flags & O_CREAT != 0 => {
+                let id = self.tmp.next;
+                self.tmp.next += 1;
+                self.tmp.created += 1;
+                let object = kpi::with(|k| k.new_object());
+                self.tmp.files.insert(
+                    id,
+                    TmpFile {
+                        name: Some(String::from(name)),
+                        size: 0,
+                        pages: Vec::new(),
+                        fds: 0,
+                        object,
+                    },
+                );
+                id
+            }
+            None => return Err(enoent),
+        };
+        if flags & O_TRUNC != 0 && fflags & FWRITE != 0 {
+            self.tmp_truncate(id, 0)?;
+        }
+        if let Some(file) = self.tmp.files.get_mut(&id) {
+            file.fds += 1;
+        }
+        Ok(id)
+    }
+
+    /// unlink(2) of a /tmp file: the name goes, the file lives on while
+    /// descriptors or mappings use it.
+    fn unlink(&mut self, a: [u64; 6]) -> SysResult {
+        let (enoent, eperm) = kpi::with(|k| (k.layout.ENOENT as i32, k.layout.EPERM as i32));
+        let (mm, ram) = self.mm();
+        let path = mm
+            .read_cstr(ram, a[0], MAXPATHLEN, Errno(63))
+            .map_err(errno)?;
+        let path = String::from_utf8_lossy(&path).into_owned();
+        let Some(name) = path.strip_prefix(TMP_DIR) else {
+            // The guest archive and devfs are not the process's to change.
+            return Err(eperm);
+        };
+        let id = self
+            .tmp
+            .files
+            .iter()
+            .find(|(_, f)| f.name.as_deref() == Some(name))
+            .map(|(&id, _)| id)
+            .ok_or(enoent)?;
+        if let Some(file) = self.tmp.files.get_mut(&id) {
+            file.name = None;
+        }
+        self.tmp_maybe_free(id);
+        Ok(0)
+    }
+
+    /// ftruncate(2): EINVAL for a descriptor not open for writing or a
+    /// negative length (kern_ftruncate, vn_truncate).
+    fn ftruncate(&mut self, a: [u64; 6]) -> SysResult {
+        let einval = kpi::with(|k| k.layout.EINVAL as i32);
+        let Fd::Tmp(id, fflags) = *self.fd(a[0])? else {
+            return Err(einval);
+        };
+        if fflags & FWRITE == 0 || (a[1] as i64) < 0 {
+            return Err(einval);
+        }
+        self.tmp_truncate(id, a[1])?;
+        Ok(0)
+    }
+
+    /// Sets the size of file `id`: new pages read as zeros; pages past a
+    /// smaller end are freed (EOPNOTSUPP if one is mapped: FreeBSD would
+    /// remove it from the mappings, which is not modelled).
+    fn tmp_truncate(&mut self, id: u32, size: u64) -> Result<(), i32> {
+        let eopnotsupp = kpi::with(|k| k.layout.EOPNOTSUPP as i32);
+        let Some(file) = self.tmp.files.get_mut(&id) else {
+            return Ok(());
+        };
+        let pages = usize::try_from(size.div_ceil(kpi::PAGE_SIZE)).map_err(|_| eopnotsupp)?;
+        if file.pages.len() > pages && file.pages[pages..].iter().any(|&(_, maps)| maps > 0) {
+            log!("kld: ftruncate cutting mapped pages of a /tmp file is not modelled: EOPNOTSUPP");
+            return Err(eopnotsupp);
+        }
+        let cut: Vec<u64> = file
+            .pages
+            .drain(pages.min(file.pages.len())..)
+            .map(|(frame, _)| frame)
+            .filter(|&f| f != 0)
+            .collect();
+        file.pages.resize(pages, (0, 0));
+        file.size = size;
+        for frame in cut {
+            self.tmp.frames.remove(&frame);
+            if kpi::with(|k| k.is_held(frame)) {
+                kpi::with(|k| k.books.orphans.push(frame));
+                self.tmp.orphans.push(frame);
+            } else {
+                self.ram.free_frame(frame);
+                self.tmp.pages_freed += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// munmap(2). Pages the module holds stay allocated (see
     /// `keep_held_pages`); the map's timestamp moves.
     fn munmap(&mut self, a: [u64; 6]) -> SysResult {
@@ -655,6 +1055,7 @@ impl<'r, 'c> Process<'r, 'c> {
         if !addr.is_multiple_of(kpi::PAGE_SIZE) || len == 0 {
             return Err(einval);
         }
+        self.release_file_pages(addr, end)?;
         self.keep_held_pages(addr, end)?;
         let (mm, ram) = self.mm();
         mm.unmap(ram, addr, len).map_err(errno)?;
@@ -671,10 +1072,7 @@ impl<'r, 'c> Process<'r, 'c> {
     /// frees) and booked as an orphan; orphans whose last hold is gone
     /// since the last call are freed here.
     fn keep_held_pages(&mut self, start: u64, end: u64) -> Result<(), i32> {
-        let released = kpi::with(|k| core::mem::take(&mut k.books.orphans_released));
-        for frame in released {
-            self.ram.free_frame(frame);
-        }
+        self.free_released_orphans();
         let held = kpi::with(|k| k.held_ptes(start, end));
         if !held.is_empty() {
             log!(
