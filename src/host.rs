@@ -10,7 +10,7 @@ use core::marker::PhantomData;
 use core::mem::{align_of, size_of};
 use core::ops::{Deref, DerefMut};
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -80,15 +80,23 @@ impl RangeBacking {
 ///
 /// `promised` is what instances may hold: each one's reservation (taken
 /// by INIT) plus the growth of its locked-page cache granted since; it
-/// never passes the host's limit. `held` is what the host's
+/// never passes the host's limit (only a lowered limit leaves it above,
+/// until the instances give back). `held` is what the host's
 /// `hold_user_page` holds right now, for the administrator's view.
 /// `repr(C)` and `u32`: the kld's sysctl reads `held` as a `u_int`.
+/// `promised` is 64-bit so that no sum of requests can wrap it.
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct LockBudget {
     held: AtomicU32,
-    promised: AtomicU32,
+    promised: AtomicU64,
 }
+
+/// Compare-and-swap attempts of [`LockBudget::reserve`] and
+/// [`LockBudget::grant_up_to`] before they refuse: each failed attempt
+/// means another instance changed the books meanwhile, so the loop is
+/// bounded by contention, never by a guest.
+const BUDGET_TRIES: usize = 8;
 
 /// Offset of `held` in [`LockBudget`]: the kld's C shim names it as the
 /// first `u_int` of the structure.
@@ -99,7 +107,7 @@ impl LockBudget {
     pub const fn new() -> Self {
         Self {
             held: AtomicU32::new(0),
-            promised: AtomicU32::new(0),
+            promised: AtomicU64::new(0),
         }
     }
 
@@ -124,41 +132,61 @@ impl LockBudget {
     }
 
     /// Promises `pages` more if the total stays within `max`; otherwise
-    /// nothing, and `Err` carries what was promised already. One atomic
-    /// add and, on refusal, its undo: never a retry loop, so a racing
-    /// caller may be refused conservatively, never over-served.
+    /// nothing, and `Err` carries what was promised already. The total is
+    /// only ever stored when it fits, so a concurrent caller never sees
+    /// a transient excess; after [`BUDGET_TRIES`] lost races the request
+    /// is refused rather than retried forever.
     pub fn reserve(&self, pages: usize, max: usize) -> core::result::Result<(), usize> {
-        let Ok(n) = u32::try_from(pages) else {
-            return Err(self.promised());
-        };
-        let before = self.promised.fetch_add(n, Ordering::AcqRel) as usize;
-        if before.saturating_add(pages) <= max {
-            Ok(())
-        } else {
-            self.promised.fetch_sub(n, Ordering::AcqRel);
-            Err(before)
+        let pages = u64::try_from(pages).unwrap_or(u64::MAX);
+        let max = u64::try_from(max).unwrap_or(u64::MAX);
+        let mut before = self.promised.load(Ordering::Acquire);
+        for _ in 0..BUDGET_TRIES {
+            let Some(after) = before.checked_add(pages).filter(|&a| a <= max) else {
+                break;
+            };
+            match self
+                .promised
+                .compare_exchange(before, after, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => before = now,
+            }
         }
+        Err(usize::try_from(before).unwrap_or(usize::MAX))
     }
 
     /// Promises as many of `pages` more as fit within `max` (maybe none);
-    /// returns how many.
+    /// returns how many. Like [`LockBudget::reserve`], never stores more
+    /// than fits and gives up (granting none) after [`BUDGET_TRIES`]
+    /// lost races.
     pub fn grant_up_to(&self, pages: usize, max: usize) -> usize {
-        let n = u32::try_from(pages).unwrap_or(u32::MAX);
-        let before = self.promised.fetch_add(n, Ordering::AcqRel) as usize;
-        let room = max.saturating_sub(before).min(n as usize);
-        let excess = n - room as u32;
-        if excess > 0 {
-            self.promised.fetch_sub(excess, Ordering::AcqRel);
+        let pages = u64::try_from(pages).unwrap_or(u64::MAX);
+        let max = u64::try_from(max).unwrap_or(u64::MAX);
+        let mut before = self.promised.load(Ordering::Acquire);
+        for _ in 0..BUDGET_TRIES {
+            let room = max.saturating_sub(before).min(pages);
+            if room == 0 {
+                return 0;
+            }
+            match self.promised.compare_exchange(
+                before,
+                before + room,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                // `room` is at most `pages`, a usize.
+                Ok(_) => return usize::try_from(room).unwrap_or(0),
+                Err(now) => before = now,
+            }
         }
-        room
+        0
     }
 
     /// Takes back `pages` promised by `reserve` or `grant_up_to`.
     pub fn release(&self, pages: usize) {
-        // Callers give back at most what they were promised, which fit
-        // in u32 when taken.
+        // Callers give back at most what they were promised.
         self.promised
-            .fetch_sub(u32::try_from(pages).unwrap_or(0), Ordering::AcqRel);
+            .fetch_sub(u64::try_from(pages).unwrap_or(0), Ordering::AcqRel);
     }
 }
 
@@ -238,6 +266,15 @@ pub trait Host: Clone + Send + Sync {
     /// decision, so a lowered limit takes effect at the next EXEC.
     fn max_locked_pages(&self) -> usize {
         u32::MAX as usize
+    }
+
+    /// An opaque identity of the caller's address space (FreeBSD: its
+    /// `struct vmspace`), the same for every thread of one process and
+    /// different for processes that do not share their memory (a fork's
+    /// child, a process the descriptor was passed to). Only compared. A
+    /// host that cannot tell answers the same number always.
+    fn user_space(&self) -> u64 {
+        0
     }
 
     /// A number that changes whenever the caller's address map changes
@@ -503,6 +540,8 @@ pub(crate) mod mock {
         pub max_locked: Option<usize>,
         /// `user_map_version`: bumped by every map and unmap.
         pub map_version: u64,
+        /// `user_space`: the calling process's address space.
+        pub space: u64,
         /// Objects kept alive by `user_range_backing` answers: object →
         /// references.
         pub object_refs: std::collections::BTreeMap<usize, u32>,
@@ -671,6 +710,10 @@ pub(crate) mod mock {
             self.state().map_version
         }
 
+        fn user_space(&self) -> u64 {
+            self.state().space
+        }
+
         fn user_range_backing(&self, addr: u64, len: u64) -> Option<RangeBacking> {
             let mut st = self.state();
             let end = addr.checked_add(len)?;
@@ -726,11 +769,59 @@ pub(crate) mod mock {
         assert_eq!(b.promised(), 100);
         b.release(100);
         assert_eq!(b.promised(), 0);
-        assert_eq!(b.reserve(usize::MAX, usize::MAX), Err(0));
+        assert_eq!(b.reserve(usize::MAX, usize::MAX - 1), Err(0));
+        // A 64-bit counter: requests past 2^32 pages neither fail nor
+        // wrap it.
+        assert_eq!(b.reserve(1 << 33, usize::MAX), Ok(()));
+        assert_eq!(
+            b.grant_up_to(usize::MAX, usize::MAX),
+            usize::MAX - (1 << 33)
+        );
+        assert_eq!(b.promised(), usize::MAX);
+        assert_eq!(b.reserve(1, usize::MAX), Err(usize::MAX));
+        b.release(usize::MAX);
+        assert_eq!(b.promised(), 0);
         b.note_hold();
         b.note_hold();
         b.note_release();
         assert_eq!(b.held(), 1);
+    }
+
+    /// A request that can never fit (another INIT asking for more than
+    /// the limit) must not make a small one that fits fail meanwhile,
+    /// and grants stay within the limit whatever runs concurrently.
+    #[test]
+    fn lock_budget_races_refuse_nothing_that_fits() {
+        const MAX: usize = 1000;
+        const ROUNDS: usize = 200_000;
+        let b = std::sync::Arc::new(LockBudget::new());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hog = {
+            let (b, stop) = (b.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut refused = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    refused += u64::from(b.reserve(2 * MAX, MAX).is_err());
+                }
+                refused
+            })
+        };
+        let mut spurious = 0;
+        for _ in 0..ROUNDS {
+            match b.reserve(10, MAX) {
+                Ok(()) => b.release(10),
+                Err(_) => spurious += 1,
+            }
+            let g = b.grant_up_to(MAX, MAX);
+            assert!(g <= MAX, "granted {g}");
+            assert!(b.promised() <= MAX, "promised {}", b.promised());
+            b.release(g);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let refused = hog.join().expect("hog thread");
+        assert!(refused > 0);
+        assert_eq!(spurious, 0, "small reservations refused during a race");
+        assert_eq!(b.promised(), 0);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 /*-
  * SPDX-License-Identifier: BSD-2-Clause
  *
- * C macros and variadic functions of the kernel, wrapped in functions the
- * Rust side can call, and the one walk over struct vm_map_entry fields
- * (kqemu_map_backing), kept in C so it reads them through FreeBSD's own
- * headers.  Nothing else belongs here.
+ * C macros, inline and variadic functions of the kernel, wrapped in
+ * functions the Rust side can call, the one walk over struct vm_map_entry
+ * fields (kqemu_map_backing) and the reads of struct vm_page fields
+ * (kqemu_page_is_managed_ram, kqemu_page_release), kept in C so they go
+ * through FreeBSD's own headers.  Nothing else belongs here.
  */
 
 #include <sys/param.h>
@@ -47,6 +48,45 @@ kqemu_phys_to_dmap(vm_paddr_t pa)
 {
 
 	return ((void *)PHYS_TO_DMAP(pa));
+}
+
+/*
+ * Whether a page vm_fault_quick_hold_pages held is ordinary managed
+ * memory the module may use as guest RAM.  A device mapping (/dev/mem, a
+ * DRM buffer: OBJT_DEVICE, OBJT_SG, OBJT_PHYS objects) gives fictitious
+ * pages (PG_FICTITIOUS: no real page behind the vm_page, maybe no direct
+ * map entry for its address) or unmanaged ones (VPO_UNMANAGED: no PV
+ * entries, so FreeBSD never sees their mappings).  Both flags are set
+ * when the page is made and stay while it is held.
+ */
+int
+kqemu_page_is_managed_ram(vm_page_t m)
+{
+
+	return ((m->flags & PG_FICTITIOUS) == 0 &&
+	    (m->oflags & VPO_UNMANAGED) == 0);
+}
+
+/*
+ * Releases a page held by vm_fault_quick_hold_pages, marking it dirty
+ * first.  The guest writes its RAM through the monitor's shadow page
+ * tables and the module writes the dirty bytes and the list pages through
+ * the direct map; the pmap's modified bits see neither.  The hold dirtied
+ * the page once, but the syncer or msync(2) may clean it while it is
+ * held (a MAP_SHARED file), and a clean page is reclaimed after the
+ * unhold without being written back: the guest's later writes would be
+ * lost.  vm_fault_quick_hold_pages itself dirties held pages without the
+ * object lock, which a wired page allows (sys/vm/vm_fault.c,
+ * vm_page_clear_dirty_mask); vm_page_dirty asserts that the page is all
+ * valid, as a page faulted in for writing is.
+ */
+void
+kqemu_page_release(vm_page_t m)
+{
+
+	if (vm_page_all_valid(m))
+		vm_page_dirty(m);
+	vm_page_unhold_pages(&m, 1);
 }
 
 /*

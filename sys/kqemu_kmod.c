@@ -58,12 +58,15 @@ SYSCTL_INT(_hw_kqemu, OID_AUTO, mode, CTLFLAG_RDTUN, &kqemu_tunable_mode, 0,
  * instances together hold at most hw.kqemu.max_locked_pages.  0 at load
  * means the default, half of vm.max_user_wired (src/freebsd/mod.rs); a
  * later change applies from each instance's next KQEMU_EXEC (shrinking
- * caches) and to the next KQEMU_INIT.
+ * caches) and to the next KQEMU_INIT, and 0 written then is a limit of 0
+ * (every KQEMU_INIT fails, caches shrink to their minimum), not the
+ * default again: the load-time replacement is the only one.
  */
 u_int kqemu_max_locked_pages;
 SYSCTL_UINT(_hw_kqemu, OID_AUTO, max_locked_pages, CTLFLAG_RWTUN,
     &kqemu_max_locked_pages, 0,
-    "Most guest pages all kqemu instances together hold");
+    "Most guest pages all kqemu instances together hold "
+    "(0 at load: half of vm.max_user_wired; 0 later: no new instance)");
 SYSCTL_UINT(_hw_kqemu, OID_AUTO, locked_pages, CTLFLAG_RD,
     &kqemu_lock_budget.held, 0, "Guest pages kqemu holds now");
 

@@ -26,7 +26,7 @@ extern u_int kqemu_instances;
 /* The module-wide books of held pages (src/host.rs LockBudget, repr(C)). */
 struct kqemu_lock_budget {
 	u_int	held;
-	u_int	promised;
+	uint64_t promised;
 };
 extern struct kqemu_lock_budget kqemu_lock_budget;
 extern int kqemu_abi_version;
@@ -40,6 +40,8 @@ d_priv_dtor_t kqemu_cdevpriv_dtor;
 struct thread *kqemu_curthread(void);
 vm_paddr_t kqemu_vm_page_to_phys(vm_page_t m);
 void	*kqemu_phys_to_dmap(vm_paddr_t pa);
+int	kqemu_page_is_managed_ram(vm_page_t m);
+void	kqemu_page_release(vm_page_t m);
 vm_paddr_t kqemu_vtophys(vm_offset_t va);
 int	kqemu_make_dev_s(struct make_dev_args *args, struct cdev **cdev,
 	    const char *name);

@@ -46,11 +46,14 @@ const GUEST_DS: u16 = 0x2b;
 /// code DPL 3 (G, L, P, S, type 0xB) and data DPL 3 (G, D/B, P, S, type 3).
 const FLAGS_CODE64: u32 = 0x00af_fb00;
 const FLAGS_DATA: u32 = 0x00cf_f300;
-/// i386 processes run in compatibility mode, as under a 64-bit Linux:
-/// Linux i386's __USER_CS 0x73 and __USER_DS 0x7b, 32-bit code DPL 3 (G,
-/// D/B, P, S, type 0xB); TLS descriptors at GDT entries 6..8.
+/// i386 processes: 32-bit code DPL 3 (G, D/B, P, S, type 0xB) under the
+/// selectors of Linux i386 (__USER_CS 0x73, __USER_DS 0x7b) on a 32-bit
+/// guest OS, and in compatibility mode under those of Linux x86_64
+/// (__USER32_CS 0x23, __USER_DS 0x2b) on a long-mode one ([`User32`]);
+/// TLS descriptors at GDT entries 6..8.
 const GUEST_CS32: u16 = 0x73;
 const GUEST_DS32: u16 = 0x7b;
+const GUEST_CS32_LONG: u16 = 0x23;
 const FLAGS_CODE32: u32 = 0x00cf_fb00;
 const TLS_FIRST: u16 = 6;
 
@@ -74,6 +77,32 @@ const VECTOR_PF: u8 = 14;
 const REG_RCX: usize = 1;
 const REG_R11: usize = 11;
 
+/// The code and data selectors of i386 processes under one guest OS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct User32 {
+    cs: u16,
+    ds: u16,
+}
+
+impl User32 {
+    /// Linux x86_64's numbers under 4-level paging, Linux i386's
+    /// otherwise. On FreeBSD 0x23 has the index of the host's kernel CS
+    /// (GCODE_SEL 4): the world switch gives the guest that index.
+    fn of(paging: PagingFormat) -> Self {
+        if paging == PagingFormat::Long4 {
+            Self {
+                cs: GUEST_CS32_LONG,
+                ds: GUEST_DS,
+            }
+        } else {
+            Self {
+                cs: GUEST_CS32,
+                ds: GUEST_DS32,
+            }
+        }
+    }
+}
+
 fn cache(selector: u16, flags: u32, base: u64) -> KqemuSegmentCache {
     KqemuSegmentCache {
         selector,
@@ -87,7 +116,7 @@ fn cache(selector: u16, flags: u32, base: u64) -> KqemuSegmentCache {
 
 /// The cache of an i386 data selector the process loaded: its TLS
 /// descriptor, the user data segment, or null.
-fn data_cache32(ctx: &UserContext, selector: u16) -> KqemuSegmentCache {
+fn data_cache32(ctx: &UserContext, user: User32, selector: u16) -> KqemuSegmentCache {
     let index = selector >> 3;
     if selector & 7 == 3 && (TLS_FIRST..TLS_FIRST + 3).contains(&index) {
         let raw = ctx.tls[usize::from(index - TLS_FIRST)].descriptor();
@@ -95,16 +124,16 @@ fn data_cache32(ctx: &UserContext, selector: u16) -> KqemuSegmentCache {
             return cache_of_load(Selector(selector), Descriptor(raw));
         }
     }
-    if selector == GUEST_DS32 {
-        return cache(GUEST_DS32, FLAGS_DATA, 0);
+    if selector == user.ds {
+        return cache(user.ds, FLAGS_DATA, 0);
     }
     cache(0, 0, 0)
 }
 
 /// An i386 DS, ES or SS selector as [`UserContext`] keeps it: `None` for
 /// the flat user data segment every program starts with.
-fn own_data_selector(selector: u16) -> Option<u16> {
-    (selector != GUEST_DS32).then_some(selector)
+fn own_data_selector(user: User32, selector: u16) -> Option<u16> {
+    (selector != user.ds).then_some(selector)
 }
 
 /// The CPU state of a process for EXEC: a long-mode guest whose amd64
@@ -149,24 +178,25 @@ pub fn state_of(
         }
     }
     if compat {
+        let user = User32::of(paging);
         s.eip &= 0xffff_ffff;
         s.regs[4] &= 0xffff_ffff;
-        s.segs[seg::CS] = cache(GUEST_CS32, FLAGS_CODE32, 0);
-        s.segs[seg::SS] = data_cache32(ctx, ctx.ss_sel.unwrap_or(GUEST_DS32));
+        s.segs[seg::CS] = cache(user.cs, FLAGS_CODE32, 0);
+        s.segs[seg::SS] = data_cache32(ctx, user, ctx.ss_sel.unwrap_or(user.ds));
         // A data register whose TLS entry the program has made unloadable
         // since it loaded it is null: i386 Linux reloads DS, ES, FS and GS
         // on every return to user mode and its fixup of a failed reload
         // loads null (x86_64 Linux gives 32-bit programs the same result,
         // tests/guests/dataseg). SS cannot be null: see `stale_stack`.
         let data = |reg: SegReg, sel: u16| {
-            let c = data_cache32(ctx, sel);
+            let c = data_cache32(ctx, user, sel);
             match entry_segment(reg, &c, CpuMode::Legacy) {
                 Ok(_) => c,
                 Err(_) => cache(0, 0, 0),
             }
         };
-        s.segs[seg::DS] = data(SegReg::Ds, ctx.ds_sel.unwrap_or(GUEST_DS32));
-        s.segs[seg::ES] = data(SegReg::Es, ctx.es_sel.unwrap_or(GUEST_DS32));
+        s.segs[seg::DS] = data(SegReg::Ds, ctx.ds_sel.unwrap_or(user.ds));
+        s.segs[seg::ES] = data(SegReg::Es, ctx.es_sel.unwrap_or(user.ds));
         s.segs[seg::FS] = data(SegReg::Fs, ctx.fs_sel);
         s.segs[seg::GS] = data(SegReg::Gs, ctx.gs_sel);
     } else {
@@ -212,15 +242,15 @@ fn flat_descriptor(flags: u32) -> u64 {
 /// Entry `index` of the guest OS's GDT (0: empty): the code and data
 /// segments `state_of` gives the process and, for i386 processes, their
 /// TLS entries. These are the only descriptors the monitor has.
-fn guest_descriptor(ctx: &UserContext, compat: bool, index: u16) -> u64 {
+fn guest_descriptor(ctx: &UserContext, compat: Option<User32>, index: u16) -> u64 {
     match (compat, index) {
-        (true, i) if i == GUEST_CS32 >> 3 => flat_descriptor(FLAGS_CODE32),
-        (true, i) if i == GUEST_DS32 >> 3 => flat_descriptor(FLAGS_DATA),
-        (true, i) if (TLS_FIRST..TLS_FIRST + 3).contains(&i) => {
+        (Some(user), i) if i == user.cs >> 3 => flat_descriptor(FLAGS_CODE32),
+        (Some(user), i) if i == user.ds >> 3 => flat_descriptor(FLAGS_DATA),
+        (Some(_), i) if (TLS_FIRST..TLS_FIRST + 3).contains(&i) => {
             ctx.tls[usize::from(i - TLS_FIRST)].descriptor()
         }
-        (false, i) if i == GUEST_CS64 >> 3 => flat_descriptor(FLAGS_CODE64),
-        (false, i) if i == GUEST_DS >> 3 => flat_descriptor(FLAGS_DATA),
+        (None, i) if i == GUEST_CS64 >> 3 => flat_descriptor(FLAGS_CODE64),
+        (None, i) if i == GUEST_DS >> 3 => flat_descriptor(FLAGS_DATA),
         _ => 0,
     }
 }
@@ -249,13 +279,15 @@ fn fault(vector: u8, error_code: u16) -> Emulated {
 /// selector) comes back as SOFTMMU. A load that succeeds is carried out
 /// only where the process's state has a place for it (the data registers
 /// of i386 processes); `None`: this client cannot emulate the instruction.
+/// `user32` names the selectors of an i386 process (None: amd64);
 /// `stack_top` is the word at the stack pointer, for `pop`.
 fn emulate_segment_load(
     code: &[u8],
     ctx: &mut UserContext,
-    compat: bool,
+    user32: Option<User32>,
     stack_top: Option<u16>,
 ) -> Option<Emulated> {
+    let compat = user32.is_some();
     let prefixes = code
         .iter()
         .take_while(|&&b| b == 0x66 || (!compat && (0x40..=0x4f).contains(&b)))
@@ -300,7 +332,7 @@ fn emulate_segment_load(
         if selector & 4 != 0 || (selector & !7) + 7 > GUEST_GDT_LIMIT {
             return Some(fault(VECTOR_GP, error));
         }
-        let desc = guest_descriptor(ctx, compat, selector >> 3);
+        let desc = guest_descriptor(ctx, user32, selector >> 3);
         let dpl = ((desc >> DESC_DPL_SHIFT) & 3) as u16;
         let code_seg = desc & DESC_CODE != 0;
         if sreg == SREG_SS {
@@ -323,12 +355,14 @@ fn emulate_segment_load(
             }
         }
     }
+    // amd64: no data register to keep (the state has no place for one).
+    let user = user32?;
     match sreg {
-        SREG_FS if compat => ctx.fs_sel = selector,
-        SREG_GS if compat => ctx.gs_sel = selector,
-        SREG_ES if compat => ctx.es_sel = own_data_selector(selector),
-        SREG_SS if compat => ctx.ss_sel = own_data_selector(selector),
-        SREG_DS if compat => ctx.ds_sel = own_data_selector(selector),
+        SREG_FS => ctx.fs_sel = selector,
+        SREG_GS => ctx.gs_sel = selector,
+        SREG_ES => ctx.es_sel = own_data_selector(user, selector),
+        SREG_SS => ctx.ss_sel = own_data_selector(user, selector),
+        SREG_DS => ctx.ds_sel = own_data_selector(user, selector),
         _ => return None,
     }
     ctx.regs[4] = (ctx.regs[4] + pop) & 0xffff_ffff;
@@ -469,6 +503,7 @@ pub fn step<C: ExecCpu>(
         cpu.all_pages_dirty();
     }
     let compat = runnable.arch == Arch::I386;
+    let user32 = compat.then(|| User32::of(paging));
     let mut state = state_of(runnable.ctx, runnable.arch, paging, runnable.cr3, features);
     if let Some(trap) = stale_stack(runnable.ctx, &state, compat) {
         linux.trap(pid, trap);
@@ -482,12 +517,12 @@ pub fn step<C: ExecCpu>(
     ctx.regs = state.regs;
     ctx.rip = state.eip;
     ctx.rflags = state.eflags;
-    if compat {
+    if let Some(user) = user32 {
         ctx.fs_sel = state.segs[seg::FS].selector;
         ctx.gs_sel = state.segs[seg::GS].selector;
-        ctx.es_sel = own_data_selector(state.segs[seg::ES].selector);
-        ctx.ss_sel = own_data_selector(state.segs[seg::SS].selector);
-        ctx.ds_sel = own_data_selector(state.segs[seg::DS].selector);
+        ctx.es_sel = own_data_selector(user, state.segs[seg::ES].selector);
+        ctx.ss_sel = own_data_selector(user, state.segs[seg::SS].selector);
+        ctx.ds_sel = own_data_selector(user, state.segs[seg::DS].selector);
     } else {
         ctx.fs_base = state.segs[seg::FS].base;
         ctx.gs_base = state.segs[seg::GS].base;
@@ -536,7 +571,7 @@ pub fn step<C: ExecCpu>(
                 cr2: if vector == VECTOR_PF { state.cr2 } else { 0 },
             }
         }
-        KQEMU_RET_SOFTMMU => softmmu(linux, pid, &state, compat)?,
+        KQEMU_RET_SOFTMMU => softmmu(linux, pid, &state, user32)?,
         retval => {
             return Err(StepError::Retval {
                 retval,
@@ -571,8 +606,9 @@ fn softmmu<E>(
     linux: &mut Linux<'_>,
     pid: Pid,
     state: &KqemuCpuState,
-    compat: bool,
+    user32: Option<User32>,
 ) -> Result<Trap, StepError<E>> {
+    let compat = user32.is_some();
     let mut code = [0u8; 16];
     let readable = linux.read_user(pid, state.eip, &mut code).is_ok()
         || linux.read_user(pid, state.eip, &mut code[..6]).is_ok();
@@ -595,7 +631,7 @@ fn softmmu<E>(
         Some(fault(VECTOR_GP, 0))
     } else {
         linux.context(pid).and_then(|c| {
-            emulate_segment_load(&code, c, compat, stack_top)
+            emulate_segment_load(&code, c, user32, stack_top)
                 .or_else(|| (!compat).then(|| noncanonical_access(&code, c))?)
         })
     };
@@ -626,6 +662,11 @@ fn softmmu<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LEGACY: Option<User32> = Some(User32 {
+        cs: GUEST_CS32,
+        ds: GUEST_DS32,
+    });
 
     #[test]
     fn amd64_state_is_long_mode_with_linux_selectors() {
@@ -668,19 +709,69 @@ mod tests {
     }
 
     #[test]
+    fn i386_state_on_long_mode_has_linux_x86_64_selectors() {
+        let mut ctx = UserContext {
+            rip: 0x8048,
+            ..UserContext::default()
+        };
+        let long = User32::of(PagingFormat::Long4);
+        assert_eq!(long, User32 { cs: 0x23, ds: 0x2b });
+        for paging in [PagingFormat::Legacy32, PagingFormat::Pae] {
+            assert_eq!(User32::of(paging), LEGACY.expect("i386"));
+        }
+        let s = state_of(
+            &ctx,
+            Arch::I386,
+            PagingFormat::Long4,
+            0x1000,
+            &CpuFeatures::default(),
+        );
+        assert_eq!(s.efer & EFER_LMA, EFER_LMA);
+        assert_eq!(
+            (s.segs[seg::CS].selector, s.segs[seg::CS].flags),
+            (0x23, FLAGS_CODE32)
+        );
+        for r in [seg::SS, seg::DS, seg::ES] {
+            assert_eq!((s.segs[r].selector, s.segs[r].flags), (0x2b, FLAGS_DATA));
+        }
+        // The emulator's GDT is the same guest OS's: 0x2b loads and is the
+        // default again, 0x7b (nothing there) is #GP(0x78).
+        ctx.regs[0] = 0x2b;
+        assert!(matches!(
+            emulate_segment_load(&[0x8e, 0xd8], &mut ctx, Some(long), None),
+            Some(Emulated::Done(2))
+        ));
+        assert_eq!(ctx.ds_sel, None);
+        ctx.regs[0] = 0x7b;
+        assert!(matches!(
+            emulate_segment_load(&[0x8e, 0xd8], &mut ctx, Some(long), None),
+            Some(Emulated::Fault(Trap::Exception {
+                vector: VECTOR_GP,
+                error_code: 0x78,
+                ..
+            }))
+        ));
+        assert_eq!(
+            guest_descriptor(&ctx, Some(long), 4),
+            flat_descriptor(FLAGS_CODE32)
+        );
+        assert_eq!(guest_descriptor(&ctx, Some(long), 14), 0);
+    }
+
+    #[test]
     fn segment_loads_check_the_guest_gdt() {
         let mut ctx = UserContext::default();
         // mov fs, ax with AX = the i386 user data selector: loads.
         ctx.regs[0] = u64::from(GUEST_DS32);
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xe0], &mut ctx, true, None),
+            emulate_segment_load(&[0x8e, 0xe0], &mut ctx, LEGACY, None),
             Some(Emulated::Done(2))
         ));
         assert_eq!(ctx.fs_sel, GUEST_DS32);
         // mov ss, ax with the null selector: #GP(0).
         ctx.regs[0] = 0;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xd0], &mut ctx, true, None),
+            emulate_segment_load(&[0x8e, 0xd0], &mut ctx, LEGACY, None),
             Some(Emulated::Fault(Trap::Exception {
                 vector: VECTOR_GP,
                 error_code: 0,
@@ -689,7 +780,7 @@ mod tests {
         ));
         // mov cs, ax: #UD.
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xc8], &mut ctx, true, None),
+            emulate_segment_load(&[0x8e, 0xc8], &mut ctx, LEGACY, None),
             Some(Emulated::Fault(Trap::Exception {
                 vector: VECTOR_UD,
                 ..
@@ -709,20 +800,20 @@ mod tests {
         };
         ctx.regs[0] = 0x33;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xd0], &mut ctx, true, None),
+            emulate_segment_load(&[0x8e, 0xd0], &mut ctx, LEGACY, None),
             Some(Emulated::Done(2))
         ));
         // pop ds of the user data selector: the default again; mov es of
         // null: kept as null.
         ctx.regs[4] = 0x8000;
         assert!(matches!(
-            emulate_segment_load(&[0x1f], &mut ctx, true, Some(GUEST_DS32)),
+            emulate_segment_load(&[0x1f], &mut ctx, LEGACY, Some(GUEST_DS32)),
             Some(Emulated::Done(1))
         ));
         assert_eq!(ctx.regs[4], 0x8004);
         ctx.regs[0] = 0;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xc0], &mut ctx, true, None),
+            emulate_segment_load(&[0x8e, 0xc0], &mut ctx, LEGACY, None),
             Some(Emulated::Done(2))
         ));
         assert_eq!(

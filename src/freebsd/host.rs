@@ -144,8 +144,17 @@ impl Host for FreeBsdHost {
         if held != 1 || page.is_null() {
             return Err(Error::Fault);
         }
+        // SAFETY: `page` is held (its flags stay as they are while held).
+        if unsafe { sys::kqemu_page_is_managed_ram(page) } == 0 {
+            // A device mapping (/dev/mem, a DRM buffer) is no guest RAM:
+            // its page may have no direct-map entry (helpers.c).
+            // SAFETY: releases the hold taken above, once; not dirtied,
+            // as nothing was written to it.
+            unsafe { sys::vm_page_unhold_pages(&mut page, 1) };
+            return Err(Error::Fault);
+        }
         // SAFETY: `page` is held, so it stays this physical page; every
-        // physical page is in amd64's direct map.
+        // physical page of managed memory is in amd64's direct map.
         let (phys, kernel) = unsafe {
             let phys = sys::kqemu_vm_page_to_phys(page);
             (phys, sys::kqemu_phys_to_dmap(phys))
@@ -165,10 +174,14 @@ impl Host for FreeBsdHost {
     }
 
     unsafe fn release_user_page(&self, page: &HeldUserPage) {
-        let mut m = page.cookie as sys::vm_page_t;
+        let m = page.cookie as sys::vm_page_t;
+        // Every held page is guest RAM, dirty bytes or a list page, and
+        // each may have been written behind the pmap's back (the guest
+        // through the shadow page tables, the module through the direct
+        // map), so each is marked dirty before the unhold (helpers.c).
         // SAFETY: the caller guarantees `page` was held by hold_user_page
         // (the cookie is its vm_page_t) and is released once.
-        unsafe { sys::vm_page_unhold_pages(&mut m, 1) };
+        unsafe { sys::kqemu_page_release(m) };
         super::lock_budget().note_release();
     }
 
@@ -207,6 +220,15 @@ impl Host for FreeBsdHost {
 
     fn max_locked_pages(&self) -> usize {
         super::max_locked_pages()
+    }
+
+    fn user_space(&self) -> u64 {
+        // SAFETY: as in current_map: the running thread's process and its
+        // vmspace are valid during the call; the pointer is only compared.
+        unsafe {
+            let td = sys::kqemu_curthread();
+            (*(*td).td_proc).p_vmspace as u64
+        }
     }
 
     fn user_map_version(&self) -> u64 {

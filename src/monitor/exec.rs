@@ -886,10 +886,7 @@ impl<H: Host> Monitor<H> {
             self.switcher_block = Some(sw.block_index());
         }
         let root = self.shadow.current_root();
-        let cs_index = sw.host_cs_index();
-        let usable = root.is_some()
-            && descriptors.iter().all(|&(i, _)| i != cs_index)
-            && sw.set_guest_descriptors(descriptors).is_some();
+        let usable = root.is_some() && sw.set_guest_descriptors(descriptors).is_some();
         if !usable {
             return Err(NoEntry::Unusable);
         }

@@ -276,6 +276,9 @@ pub struct Instance<H: Host> {
     /// The mappings behind guest RAM, the dirty bytes and the three list
     /// pages then, when the host could tell ([`Self::backing`]).
     backing: Option<Backing<H>>,
+    /// `Host::user_space` of the INIT caller: the held pages and the
+    /// ranges the instance checks are that address space's.
+    owner: u64,
 }
 
 /// One answer of [`Host::user_range_backing`]; dropping it lets go of the
@@ -364,6 +367,7 @@ impl<H: Host> Instance<H> {
             ))
         })?;
         Ok(Self {
+            owner: host.user_space(),
             host: host.clone(),
             monitor: None,
             logged_monitor_failure: false,
@@ -440,6 +444,19 @@ impl<H: Host> Instance<H> {
         Ok(())
     }
 
+    /// EPERM unless the caller runs in the address space that made the
+    /// instance. After fork(2) or descriptor passing another process may
+    /// call on the open file; its addresses are not the ones INIT held
+    /// and checked (the map checks of [`Self::revalidate`] would look at
+    /// the wrong map), so only the INIT process may use the instance.
+    fn check_owner(&self) -> Result<()> {
+        if self.host.user_space() == self.owner {
+            Ok(())
+        } else {
+            Err(Error::Permission)
+        }
+    }
+
     /// The guest RAM parameters.
     pub fn ram(&self) -> &RamParams {
         &self.ram
@@ -460,11 +477,13 @@ impl<H: Host> Instance<H> {
         ]
     }
 
-    /// `KQEMU_SET_PHYS_MEM`: records one range. EINVAL for misaligned,
+    /// `KQEMU_SET_PHYS_MEM`: records one range. EPERM from a process other
+    /// than INIT's ([`Self::check_owner`]). EINVAL for misaligned,
     /// empty, overflowing or too high ranges, RAM/ROM beyond guest RAM, or
     /// an unknown `io_index`; ENOSPC when the map is full. `padding1` is not
     /// looked at (the client does not clear it).
     pub fn set_phys_mem(&mut self, mem: &KqemuPhysMem) -> Result<()> {
+        self.check_owner()?;
         let aligned = |v: u64| v.is_multiple_of(KQEMU_PAGE_SIZE);
         if !aligned(mem.phys_addr) || !aligned(mem.size) || !aligned(mem.ram_addr) || mem.size == 0
         {
@@ -498,9 +517,11 @@ impl<H: Host> Instance<H> {
     }
 
     /// `KQEMU_MODIFY_RAM_PAGES`: the client rewrote `count` entries of
-    /// `modified_ram_pages`. EINVAL unless `0 <= count <= 512`. The
+    /// `modified_ram_pages`. EPERM from a process other than INIT's,
+    /// EINVAL unless `0 <= count <= 512`. The
     /// monitor drops what it derived from those pages.
     pub fn modify_ram_pages(&mut self, count: i32) -> Result<()> {
+        self.check_owner()?;
         self.revalidate()?;
         match u32::try_from(count) {
             Ok(n) if n <= KQEMU_MAX_MODIFIED_RAM_PAGES => {
@@ -523,8 +544,10 @@ impl<H: Host> Instance<H> {
     /// (`Host::cpu_enter`) answers `KQEMU_RET_ABORT`, which makes the
     /// client stop with a CPU dump instead of computing wrong results.
     /// EFAULT when the client unmapped its guest RAM, dirty bytes or list
-    /// pages since INIT ([`Self::revalidate`]).
+    /// pages since INIT ([`Self::revalidate`]); EPERM from a process other
+    /// than INIT's ([`Self::check_owner`]).
     pub fn exec(&mut self, state: &mut KqemuCpuState) -> Result<()> {
+        self.check_owner()?;
         self.revalidate()?;
         if self.host.cpu_enter().is_none() {
             state.retval = KQEMU_RET_ABORT;
@@ -1056,6 +1079,39 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// After fork or descriptor passing another process calls on the
+    /// open file: its address space is not the one INIT held pages of.
+    #[test]
+    fn another_address_space_gets_eperm() {
+        let host = mapped_host();
+        host.state().space = 0x1000;
+        let mut inst = instance(&host);
+        let mut state = KqemuCpuState::default();
+        host.state().space = 0x2000;
+        let holds = host.state().holds;
+        assert_eq!(inst.exec(&mut state), Err(Error::Permission));
+        assert_eq!(inst.modify_ram_pages(0), Err(Error::Permission));
+        assert_eq!(
+            inst.set_phys_mem(&phys(0, 0x1000, 0, KQEMU_IO_MEM_RAM)),
+            Err(Error::Permission)
+        );
+        assert!(inst.phys_map().ranges().is_empty(), "nothing recorded");
+        assert_eq!(
+            host.state().holds,
+            holds,
+            "nothing held for the other process"
+        );
+        // The INIT process itself goes on.
+        host.state().space = 0x1000;
+        assert_eq!(
+            inst.set_phys_mem(&phys(0, 0x1000, 0, KQEMU_IO_MEM_RAM)),
+            Ok(())
+        );
+        assert_eq!(inst.modify_ram_pages(0), Ok(()));
+        assert_eq!(inst.exec(&mut state), Ok(()));
+        assert_eq!(state.retval, KQEMU_RET_ABORT);
     }
 
     #[test]

@@ -13,8 +13,19 @@
  *
  * Order of the table switches (why an NMI at any instruction boundary finds
  * a working IDT, GDT, TSS and stack):
- * - the monitor IDT's gates use the host's own kernel CS selector, and the
- *   monitor GDT holds a copy of the host's CS descriptor at that index;
+ * - the monitor IDT's gates name the monitor's own 64-bit code selector M,
+ *   near the top of the monitor GDT where guests have no descriptors; the
+ *   host IDT's gates name the host's CS. The monitor GDT holds a copy of
+ *   the host's CS descriptor at the host CS's index whenever the host IDT
+ *   may be loaded or CS may hold the host's selector: entry loads the
+ *   monitor GDT, TSS and IDT running on the host's CS, far-returns to M,
+ *   and only then puts the guest's descriptor at that index (a guest
+ *   selector with the host CS's index then loads natively, e.g. Linux's
+ *   __USER32_CS 0x23 on FreeBSD, whose kernel CS is 0x20); the exit, on M,
+ *   puts the copy back, far-returns to the host's CS, and loads the host
+ *   IDT before the host GDT (which has no M). Windows: host IDT + monitor
+ *   GDT (copy present), monitor IDT + monitor GDT (M present; CS the copy
+ *   or M), host IDT + host GDT; never the monitor IDT with the host GDT;
  * - SS is null while anything but the host's tables is loaded (an IRETQ to
  *   CPL 0 accepts a null SS in 64-bit mode);
  * - the monitor IDT is loaded only while the monitor TSS is (its gates all
@@ -121,6 +132,17 @@ kqemu_switch_run:
     lgdt {A_MON_GDTR}+6(%rbx)
     ltr {A_MON_TR}(%rbx)
     lidt {A_MON_IDTR}+6(%rbx)
+    /* Onto M (a far return at the same privilege pops RIP, then CS: SDM
+     * Vol. 2B RET), then the guest's descriptor at the host CS's index:
+     * from here to the exit's far return nothing names the host's CS. */
+    leaq 1f(%rip), %rax
+    pushq {A_MON_CS}(%rbx)
+    pushq %rax
+    lretq
+1:
+    movq {A_HOST_CS_SLOT}(%rbx), %rcx
+    movq {A_GUEST_AT_HOST_CS}(%rbx), %rax
+    movq %rax, (%rcx)
     xorl %eax, %eax
     lldt %ax
     movq {A_SHADOW_CR3}(%rbx), %rax
@@ -321,33 +343,19 @@ kqemu_switch_exit_common:
     addq $16, %rsp
     iretq
 
-5:  /* Back to the host: %rbx = area, interrupts disabled. */
+5:  /* Back to the host: %rbx = area, interrupts disabled. CS is M, or
+     * the host's after a fault before the entry's far return: the copy
+     * goes back first either way, then CS is the host's. */
+    movq {A_HOST_CS_SLOT}(%rbx), %rcx
+    movq {A_HOST_CS_DESC}(%rbx), %rax
+    movq %rax, (%rcx)
+    leaq 1f(%rip), %rax
+    pushq {A_HOST_CS}(%rbx)
+    pushq %rax
+    lretq
+1:
     movq {A_HOST_CR3}(%rbx), %rax
     movq %rax, %cr3
-    lgdt {A_HOST_GDTR}+6(%rbx)
-    movw {A_HOST_SS}(%rbx), %ss
-    movw {A_HOST_DS}(%rbx), %ds
-    movw {A_HOST_ES}(%rbx), %es
-    movw {A_HOST_FS}(%rbx), %fs
-    movw {A_HOST_GS}(%rbx), %gs
-    /* CR4 is still the guest's here: F_FSGSBASE says both have it. */
-    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
-    jz 1f
-    movq {A_HOST_FS_BASE}(%rbx), %rax
-    wrfsbase %rax
-    movq {A_HOST_GS_BASE}(%rbx), %rax
-    wrgsbase %rax
-    jmp 2f
-1:
-    movl ${MSR_FS_BASE}, %ecx
-    movl {A_HOST_FS_BASE}(%rbx), %eax
-    movl {A_HOST_FS_BASE}+4(%rbx), %edx
-    wrmsr
-    movl ${MSR_GS_BASE}, %ecx
-    movl {A_HOST_GS_BASE}(%rbx), %eax
-    movl {A_HOST_GS_BASE}+4(%rbx), %edx
-    wrmsr
-2:
     movl ${MSR_EFER}, %ecx
     movl {A_HOST_EFER}(%rbx), %eax
     movl {A_HOST_EFER}+4(%rbx), %edx
@@ -369,15 +377,59 @@ kqemu_switch_exit_common:
     je 1f
     movq %rax, %cr0
 1:
+    /* The host's GS base before the host's IDT (whose handlers may meet
+     * the monitor TSS until the LTR below); the guest's selectors stay
+     * loaded until the host's GDT is. CR4 is the host's again: F_FSGSBASE
+     * says it has FSGSBASE. */
+    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
+    jz 1f
+    movq {A_HOST_GS_BASE}(%rbx), %rax
+    wrgsbase %rax
+    jmp 2f
+1:
+    movl ${MSR_GS_BASE}, %ecx
+    movl {A_HOST_GS_BASE}(%rbx), %eax
+    movl {A_HOST_GS_BASE}+4(%rbx), %edx
+    wrmsr
+2:
+    /* The host's IDT before the host's GDT: the monitor IDT's gates name
+     * M, which the host's GDT lacks. */
     lidt {A_HOST_IDTR}+6(%rbx)
-    /* The host's TSS descriptor is busy since its own LTR: clear the busy
-     * bit of this CPU's descriptor, or LTR faults (SDM Vol. 3A 7.2.2). */
+    lgdt {A_HOST_GDTR}+6(%rbx)
+    /* The host's TSS next, so that the host's IDT meets the monitor TSS
+     * only with the host's GS base. Its descriptor is busy since its own
+     * LTR: clear the busy bit of this CPU's descriptor, or LTR faults
+     * (SDM Vol. 3A 7.2.2). */
     movq {A_HOST_GDTR}+8(%rbx), %rax
     movzwl {A_HOST_TR}(%rbx), %ecx
     andl $0xfff8, %ecx
     andb $0xfd, 5(%rax,%rcx)
     ltr {A_HOST_TR}(%rbx)
     lldt {A_HOST_LDTR}(%rbx)
+    movw {A_HOST_SS}(%rbx), %ss
+    movw {A_HOST_DS}(%rbx), %ds
+    movw {A_HOST_ES}(%rbx), %es
+    movw {A_HOST_FS}(%rbx), %fs
+    movw {A_HOST_GS}(%rbx), %gs
+    /* The selector loads may have replaced the bases (a non-null one
+     * from its descriptor, a null one on some CPUs). */
+    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
+    jz 1f
+    movq {A_HOST_FS_BASE}(%rbx), %rax
+    wrfsbase %rax
+    movq {A_HOST_GS_BASE}(%rbx), %rax
+    wrgsbase %rax
+    jmp 2f
+1:
+    movl ${MSR_FS_BASE}, %ecx
+    movl {A_HOST_FS_BASE}(%rbx), %eax
+    movl {A_HOST_FS_BASE}+4(%rbx), %edx
+    wrmsr
+    movl ${MSR_GS_BASE}, %ecx
+    movl {A_HOST_GS_BASE}(%rbx), %eax
+    movl {A_HOST_GS_BASE}+4(%rbx), %edx
+    wrmsr
+2:
     /* Host breakpoints last: a hit now finds the host's own tables. */
     movq {A_HOST_DR7}(%rbx), %rax
     testq ${DR7_ENABLE_MASK}, %rax

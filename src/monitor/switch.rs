@@ -17,7 +17,7 @@ use core::cell::UnsafeCell;
 use core::mem::{offset_of, size_of};
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
-use crate::monitor::segments::MONITOR_GDT_FIRST;
+use crate::monitor::segments::{MONITOR_GDT_ENTRIES, MONITOR_GDT_FIRST};
 
 /// MSR numbers (SDM Vol. 4 Table 2-2).
 const MSR_EFER: u32 = 0xc000_0080;
@@ -88,6 +88,13 @@ const STACKS: usize = 4;
 
 /// GDT index of the monitor TSS descriptor (16 bytes: two entries).
 const TSS_INDEX: u16 = MONITOR_GDT_FIRST;
+/// GDT index of the monitor's own code segment M, which every gate of the
+/// monitor IDT names: above any GDT limit guests use, so no guest selector
+/// needs it (switch.S explains when the host's CS may be in force instead).
+const MONITOR_CS_INDEX: u16 = MONITOR_GDT_FIRST + 2;
+/// M's selector: RPL 0.
+pub const MONITOR_CS: u16 = MONITOR_CS_INDEX << 3;
+const _: () = assert!(MONITOR_CS_INDEX < MONITOR_GDT_FIRST + MONITOR_GDT_ENTRIES);
 /// Bytes of a 64-bit TSS (SDM Vol. 3A Figure 7-11); an I/O map base at
 /// the limit means "no I/O permission bitmap": every IN/OUT at CPL 3 with
 /// IOPL < 3 faults.
@@ -156,6 +163,15 @@ pub struct SwitchArea {
     pub mon_gdtr: PseudoDescriptor,
     pub mon_idtr: PseudoDescriptor,
     pub mon_tr: u64,
+    /// M, the monitor's code selector.
+    pub mon_cs: u64,
+    /// The host's CS selector, the address of its index in the monitor
+    /// GDT, the host's descriptor there, and what the guest runs with
+    /// there (its own descriptor at that index, or 0).
+    pub host_cs: u64,
+    pub host_cs_slot: u64,
+    pub host_cs_desc: u64,
+    pub guest_at_host_cs: u64,
     pub host_rsp: u64,
     pub host_cr3: u64,
     pub host_cr0: u64,
@@ -216,8 +232,13 @@ struct CpuState {
     /// Guest descriptors (GDT index, descriptor) written for the last run.
     written: [(u16, u64); 6],
     written_len: usize,
-    /// Host CS index whose descriptor copy sits in the monitor GDT.
+    /// Host CS index whose descriptor copy sits in the monitor GDT, and
+    /// that descriptor.
     host_cs_index: u16,
+    host_cs_desc: u64,
+    /// The guest's descriptor at `host_cs_index` for the next run (0:
+    /// none); switch.S puts it there once CS is M.
+    guest_at_host_cs: u64,
     /// The PML4 entry that maps this CPU's switcher pages.
     pml4_entry: u64,
     /// The host GS base the stack tops hold (the CPU never writes that
@@ -296,6 +317,11 @@ core::arch::global_asm!(
     A_MON_GDTR = const offset_of!(SwitchArea, mon_gdtr),
     A_MON_IDTR = const offset_of!(SwitchArea, mon_idtr),
     A_MON_TR = const offset_of!(SwitchArea, mon_tr),
+    A_MON_CS = const offset_of!(SwitchArea, mon_cs),
+    A_HOST_CS = const offset_of!(SwitchArea, host_cs),
+    A_HOST_CS_SLOT = const offset_of!(SwitchArea, host_cs_slot),
+    A_HOST_CS_DESC = const offset_of!(SwitchArea, host_cs_desc),
+    A_GUEST_AT_HOST_CS = const offset_of!(SwitchArea, guest_at_host_cs),
     A_SHADOW_CR3 = const offset_of!(SwitchArea, shadow_cr3),
     A_GUEST_DS = const offset_of!(SwitchArea, ds),
     A_GUEST_ES = const offset_of!(SwitchArea, es),
@@ -380,6 +406,35 @@ pub fn interrupt_gate(handler: u64, selector: u16, ist: u8) -> [u64; 2] {
         | ((TYPE_INTERRUPT_GATE << 8 | PRESENT) << 32)
         | ((handler >> 16) & 0xffff) << 48;
     [low, handler >> 32]
+}
+
+/// M's descriptor: 64-bit code (L set, D clear), DPL 0, present,
+/// execute/read, accessed (SDM Vol. 3A 3.4.5, 5.2.1: in 64-bit mode base
+/// and limit are ignored). Accessed is preset so that the far return to M
+/// does not write the GDT.
+pub fn monitor_code_descriptor() -> u64 {
+    const TYPE_CODE_READ_ACCESSED: u64 = 0xb;
+    const S: u64 = 1 << 44;
+    const PRESENT: u64 = 1 << 47;
+    const LONG: u64 = 1 << 53;
+    const GRANULARITY: u64 = 1 << 55;
+    0xffff | 0xf << 48 | TYPE_CODE_READ_ACCESSED << 40 | S | PRESENT | LONG | GRANULARITY
+}
+
+/// The monitor IDT: every vector to its stub in switch.S through M, NMI,
+/// #DF and #MC on stacks of their own, everything else on the exit stack.
+fn write_gates(idt: &mut [u64; 2 * 256], vectors: u64) {
+    for v in 0..256usize {
+        let ist = match v as u8 {
+            VECTOR_NMI => IST_NMI,
+            VECTOR_DOUBLE_FAULT => IST_DOUBLE_FAULT,
+            VECTOR_MACHINE_CHECK => IST_MACHINE_CHECK,
+            _ => IST_EXIT,
+        };
+        let gate = interrupt_gate(vectors + (v * VECTOR_STUB_SIZE) as u64, MONITOR_CS, ist);
+        idt[2 * v] = gate[0];
+        idt[2 * v + 1] = gate[1];
+    }
 }
 
 /// A 16-byte available 64-bit TSS descriptor (type 9) for the TSS at
@@ -639,8 +694,8 @@ pub unsafe fn prepare_cpu(
 }
 
 /// What of a block depends on the host CPU running it, (re)done for CPU
-/// `cpu`: the IDT's gates name the host's CS selector, and the GDT holds
-/// a copy of its descriptor at that index (switch.S); the IST stacks'
+/// `cpu`: the GDT holds a copy of the host's CS descriptor at its index
+/// while the host's IDT or CS may be in force (switch.S); the IST stacks'
 /// top word holds the CPU's GS base (its per-CPU pointer, which FreeBSD's
 /// NMI, MC and DB handlers read there). The guest descriptors of the last
 /// run go too: the host CS index may have moved onto one of them.
@@ -659,29 +714,17 @@ fn bind_to_cpu(b: &mut CpuBlock, cpu: usize) -> Result<(), SetupError> {
     // we run on (checked against its limit above).
     let cs_desc = unsafe { ((host_gdt.base + u64::from(cs_index) * 8) as *const u64).read() };
 
-    // IDT: every vector to its stub.
-    let vectors = core::ptr::addr_of!(kqemu_switch_vectors) as u64;
-    for v in 0..256usize {
-        let ist = match v as u8 {
-            VECTOR_NMI => IST_NMI,
-            VECTOR_DOUBLE_FAULT => IST_DOUBLE_FAULT,
-            VECTOR_MACHINE_CHECK => IST_MACHINE_CHECK,
-            _ => IST_EXIT,
-        };
-        let gate = interrupt_gate(vectors + (v * VECTOR_STUB_SIZE) as u64, host_cs, ist);
-        b.idt[2 * v] = gate[0];
-        b.idt[2 * v + 1] = gate[1];
-    }
-
     let state = &mut b.area.state;
     let last = state.written_len.min(state.written.len());
     for &(index, _) in &state.written[..last] {
         b.gdt[usize::from(index)] = 0;
     }
     state.written_len = 0;
+    state.guest_at_host_cs = 0;
     b.gdt[usize::from(state.host_cs_index)] = 0;
     b.gdt[usize::from(cs_index)] = cs_desc;
     state.host_cs_index = cs_index;
+    state.host_cs_desc = cs_desc;
 
     let host_gs = read_gs_base();
     for stack in b.stacks.iter_mut() {
@@ -727,10 +770,14 @@ fn set_up(
     words[TSS_SIZE / 4 - 1] = (TSS_SIZE as u32) << 16;
 
     b.gdt.fill(0);
+    b.gdt[usize::from(MONITOR_CS_INDEX)] = monitor_code_descriptor();
+    write_gates(&mut b.idt, core::ptr::addr_of!(kqemu_switch_vectors) as u64);
     b.area.state = CpuState {
         written: [(0, 0); 6],
         written_len: 0,
         host_cs_index: 0,
+        host_cs_desc: 0,
+        guest_at_host_cs: 0,
         pml4_entry: 0,
         stack_gs: 0,
         cpu,
@@ -829,12 +876,6 @@ impl CpuSwitcher {
         self.block().area.state.pml4_entry
     }
 
-    /// GDT index reserved for the host's CS on this CPU: a guest selector
-    /// with this index cannot be loaded natively.
-    pub fn host_cs_index(&mut self) -> u16 {
-        self.block().area.state.host_cs_index
-    }
-
     /// The guest's registers, read and written by the run.
     pub fn area(&mut self) -> &mut SwitchArea {
         &mut self.block().area.area
@@ -844,7 +885,8 @@ impl CpuSwitcher {
     /// clearing those of the previous run. `None` when an index is taken
     /// by the monitor. The same descriptors as in the last run on this CPU
     /// are left as they are (the CPU may have set their accessed bits,
-    /// which changes nothing for the guest).
+    /// which changes nothing for the guest). A descriptor at the host CS's
+    /// index is kept aside: switch.S puts it in place once CS is M.
     pub fn set_guest_descriptors(&mut self, descriptors: &[(u16, u64)]) -> Option<()> {
         let b = self.block();
         let cs_index = b.area.state.host_cs_index;
@@ -853,14 +895,21 @@ impl CpuSwitcher {
             return Some(());
         }
         for &(index, _) in &b.area.state.written[..last] {
-            b.gdt[usize::from(index)] = 0;
+            if index != cs_index {
+                b.gdt[usize::from(index)] = 0;
+            }
         }
         b.area.state.written_len = 0;
+        b.area.state.guest_at_host_cs = 0;
         for &(index, raw) in descriptors.iter().take(6) {
-            if index == 0 || index == cs_index || index >= MONITOR_GDT_FIRST {
+            if index == 0 || index >= MONITOR_GDT_FIRST {
                 return None;
             }
-            b.gdt[usize::from(index)] = raw;
+            if index == cs_index {
+                b.area.state.guest_at_host_cs = raw;
+            } else {
+                b.gdt[usize::from(index)] = raw;
+            }
             b.area.state.written[b.area.state.written_len] = (index, raw);
             b.area.state.written_len += 1;
         }
@@ -910,6 +959,12 @@ impl CpuSwitcher {
             base: idt_base,
         };
         a.mon_tr = u64::from(TSS_INDEX) << 3;
+        a.mon_cs = u64::from(MONITOR_CS);
+        let state = &b.area.state;
+        a.host_cs = u64::from(state.host_cs_index) << 3;
+        a.host_cs_slot = core::ptr::addr_of!(b.gdt[usize::from(state.host_cs_index)]) as u64;
+        a.host_cs_desc = state.host_cs_desc;
+        a.guest_at_host_cs = state.guest_at_host_cs;
         a.shadow_cr3 = setup.shadow_cr3;
         a.guest_cr0 = setup.cr0;
         a.guest_cr4 = setup.cr4;
@@ -1111,6 +1166,48 @@ mod tests {
         assert_eq!((g[0] >> 40) & 0xff, 0x8e);
         assert_eq!(g[0] >> 48, 0x8123);
         assert_eq!(g[1], 0xffff_ffff);
+    }
+
+    #[test]
+    fn every_gate_names_the_monitor_code_selector_above_guest_indices() {
+        let mut idt = [0u64; 2 * 256];
+        let vectors = 0xffff_ffff_8040_1000u64;
+        write_gates(&mut idt, vectors);
+        for v in 0..256usize {
+            let selector = ((idt[2 * v] >> 16) & 0xffff) as u16;
+            assert_eq!(selector, MONITOR_CS, "vector {v}");
+            // Not FreeBSD's GCODE_SEL (index 4, Linux's __USER32_CS 0x23)
+            // nor any index a guest may load natively.
+            assert_ne!(selector >> 3, 4);
+            assert!(selector >> 3 >= MONITOR_GDT_FIRST && selector & 7 == 0);
+            assert_ne!(selector >> 3, TSS_INDEX);
+            assert_ne!(selector >> 3, TSS_INDEX + 1, "the TSS's upper half");
+            let offset = (idt[2 * v] & 0xffff) | ((idt[2 * v] >> 48) << 16) | idt[2 * v + 1] << 32;
+            assert_eq!(offset, vectors + (v * VECTOR_STUB_SIZE) as u64);
+            let ist = ((idt[2 * v] >> 32) & 7) as u8;
+            let want = match v {
+                2 => IST_NMI,
+                8 => IST_DOUBLE_FAULT,
+                18 => IST_MACHINE_CHECK,
+                _ => IST_EXIT,
+            };
+            assert_eq!(ist, want, "vector {v}");
+        }
+    }
+
+    #[test]
+    fn the_monitor_code_descriptor_is_64_bit_dpl_0_code() {
+        let d = monitor_code_descriptor();
+        assert_eq!(d >> 47 & 1, 1, "present");
+        assert_eq!(d >> 44 & 1, 1, "code or data");
+        assert_eq!(d >> 43 & 1, 1, "code");
+        assert_eq!(d >> 42 & 1, 0, "not conforming");
+        assert_eq!(d >> 40 & 1, 1, "accessed: the far return writes nothing");
+        assert_eq!(d >> 45 & 3, 0, "DPL 0");
+        assert_eq!(d >> 53 & 1, 1, "L");
+        assert_eq!(d >> 54 & 1, 0, "D clear with L (SDM Vol. 3A 5.2.1)");
+        // Linux's __KERNEL_CS descriptor, for comparison.
+        assert_eq!(d, 0x00af_9b00_0000_ffff);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! `kqemu-run --signal-close PATH`: a signal handler closes /dev/kqemu
 //! while PATH (a guest that spins) runs through KQEMU_EXEC; `--thread-close
 //! PATH`: a second thread does (concurrency.rs).
-//! `kqemu-run --ram-checks limit|munmap`: the guest-RAM error paths
+//! `kqemu-run --ram-checks limit|munmap|device`: the guest-RAM error paths
 //! (ramchecks.rs).
 #![no_std]
 #![no_main]
@@ -577,7 +577,7 @@ fn usage() -> ! {
         b"usage: kqemu-run [--kldunload] [--exit-open] [--bench N]\n\
           | --linux [--file PATH]... [--ram-file PATH] -- PROGRAM ARGS...\n\
           | --signal-close PATH\n\
-          | --ram-checks limit|munmap\n",
+          | --ram-checks limit|munmap|device\n",
     );
     exit(2)
 }

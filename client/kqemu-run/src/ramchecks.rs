@@ -1,5 +1,5 @@
 //! The guest-RAM error paths of issue 7 (item 5), `kqemu-run --ram-checks
-//! limit|munmap`: each prints `PASS <name>: ...` or `FAIL <name>: ...`
+//! limit|munmap|device`: each prints `PASS <name>: ...` or `FAIL <name>: ...`
 //! as checks.rs does, the last line counts them.
 //!
 //! - `limit`: run with the loader tunable `hw.kqemu.max_locked_pages`
@@ -13,6 +13,11 @@
 //!   guest RAM, the next EXECs answer EFAULT; then the list pages the
 //!   module holds since INIT go too, and close releases everything (the
 //!   personality's books must balance at unload).
+//! - `device`: run with the testbed's `testbed.device_pages` tunable, which
+//!   makes every page the module holds a device mapping's (fictitious or
+//!   unmanaged, as /dev/mem or a DRM buffer mapped as guest RAM gives):
+//!   INIT must answer EFAULT (the personality checks that the module let
+//!   go of each page).
 
 use core::fmt::Write;
 
@@ -64,6 +69,7 @@ const ALL_DIRTY: u8 = 0xff;
 pub enum RamChecks {
     Limit,
     Munmap,
+    Device,
 }
 
 impl RamChecks {
@@ -71,6 +77,7 @@ impl RamChecks {
         match name {
             b"limit" => Some(Self::Limit),
             b"munmap" => Some(Self::Munmap),
+            b"device" => Some(Self::Device),
             _ => None,
         }
     }
@@ -85,6 +92,7 @@ pub fn run<S: System>(sys: &mut S, which: RamChecks) -> i32 {
             match which {
                 RamChecks::Limit => limit(&mut r, fd),
                 RamChecks::Munmap => munmap(&mut r, fd),
+                RamChecks::Device => device(&mut r, fd),
             }
             let closed = r.sys.close(fd);
             r.expect("close", closed, Ok(()));
@@ -100,6 +108,14 @@ fn limit<S: System>(r: &mut Report<'_, S>, fd: i32) {
     let mut init = b.init();
     let got = ioctl_with(r.sys, fd, KQEMU_INIT, &mut init);
     r.expect("init-past-max-locked-pages", got, Err(ENOMEM));
+}
+
+/// INIT over memory whose pages are a device's: EFAULT, nothing held.
+fn device<S: System>(r: &mut Report<'_, S>, fd: i32) {
+    let Some(b) = allocate(r) else { return };
+    let mut init = b.init();
+    let got = ioctl_with(r.sys, fd, KQEMU_INIT, &mut init);
+    r.expect("init-device-pages", got, Err(EFAULT));
 }
 
 /// A flat 32-bit user segment with `selector` and descriptor `desc`.

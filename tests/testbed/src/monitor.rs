@@ -73,6 +73,75 @@ const DR7_DISABLED: u64 = 1 << 10;
 /// #DB.
 const VECTOR_DEBUG: i32 = 1;
 
+/// FreeBSD's kernel CS (GCODE_SEL 4, RPL 0), whose index is that of Linux
+/// x86_64's __USER32_CS 0x23, the CS of every i386 program under a
+/// long-mode guest. This kernel's own CS is 0x08, so EXEC runs on 0x20
+/// (see [`on_freebsd_cs`]): the world switch then meets the clash the
+/// kld meets on FreeBSD.
+const FREEBSD_KERNEL_CS: u16 = 0x20;
+/// The GDT index this kernel's own CS has (trap.rs KERNEL_CS).
+const KERNEL_CS_INDEX: usize = (crate::trap::KERNEL_CS >> 3) as usize;
+
+/// Runs `f` with CS = [`FREEBSD_KERNEL_CS`], the GDT entry it names
+/// holding a copy of this kernel's code descriptor meanwhile. That entry
+/// is the native runner's user data segment, which nothing loads in
+/// monitor mode (no code of this kernel runs at ring 3 here); the IDT's
+/// gates keep naming KERNEL_CS, and an interrupt returns to either.
+fn on_freebsd_cs<R>(f: impl FnOnce() -> R) -> R {
+    let mut gdtr = [0u8; 10];
+    // SAFETY: SGDT stores 10 bytes into `gdtr`.
+    unsafe { core::arch::asm!("sgdt [{}]", in(reg) gdtr.as_mut_ptr(), options(nostack)) };
+    let limit = usize::from(u16::from_le_bytes([gdtr[0], gdtr[1]]));
+    let mut base = [0u8; 8];
+    base.copy_from_slice(&gdtr[2..]);
+    let gdt = u64::from_le_bytes(base) as *mut u64;
+    let index = usize::from(FREEBSD_KERNEL_CS >> 3);
+    if limit < index * 8 + 7 {
+        crate::fail(format_args!(
+            "GDT limit {limit:#x}: no entry for CS {FREEBSD_KERNEL_CS:#x}"
+        ));
+    }
+    // SAFETY: both entries lie inside the loaded GDT (limit checked), a
+    // static of this kernel; the switch entry is not loaded in any
+    // segment register (only ring-3 code of the native runner uses it).
+    let saved = unsafe {
+        let saved = gdt.add(index).read_volatile();
+        gdt.add(index)
+            .write_volatile(gdt.add(KERNEL_CS_INDEX).read_volatile());
+        saved
+    };
+    // SAFETY: a far return to a copy of the running code descriptor at
+    // the same privilege level (SDM Vol. 2B RET): only CS changes.
+    unsafe { far_return_to(FREEBSD_KERNEL_CS) };
+    let result = f();
+    // SAFETY: back onto this kernel's own CS, then the entry back.
+    unsafe {
+        far_return_to(crate::trap::KERNEL_CS);
+        gdt.add(index).write_volatile(saved);
+    }
+    result
+}
+
+/// Reloads CS with `selector` by a far return.
+///
+/// # Safety
+///
+/// `selector` names a 64-bit DPL-0 code descriptor of the loaded GDT.
+unsafe fn far_return_to(selector: u16) {
+    // SAFETY: the caller's guarantee; the pushes are popped by RETFQ.
+    unsafe {
+        core::arch::asm!(
+            "push {sel}",
+            "lea {tmp}, [rip + 2f]",
+            "push {tmp}",
+            "retfq",
+            "2:",
+            sel = in(reg) u64::from(selector),
+            tmp = out(reg) _,
+        )
+    };
+}
+
 /// Loads DR0 and DR7.
 ///
 /// # Safety
@@ -224,7 +293,7 @@ impl ExecCpu for TestbedCpu<'_> {
             unsafe { set_breakpoint(at, DR7_L0_EXECUTE) };
         }
         let entered = x86::rdtsc();
-        let done = ioctl(self.file, KQEMU_EXEC, state);
+        let done = on_freebsd_cs(|| ioctl(self.file, KQEMU_EXEC, state));
         if armed {
             let dr7 = read_dr7();
             // SAFETY: disarms every breakpoint.

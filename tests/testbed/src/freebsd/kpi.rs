@@ -109,6 +109,11 @@ pub struct Books {
     pub held: BTreeMap<u64, (u64, u32, Block)>,
     pub holds: u64,
     pub unholds: u64,
+    /// Unholds of managed pages that found the page not dirty: writes of
+    /// the guest or the module FreeBSD could lose (`pages-dirty-at-unhold`).
+    pub unheld_clean: u64,
+    /// Held pages made device pages (`testbed.device_pages`).
+    pub device_pages: u64,
     /// Most holds outstanding at once (`holds - unholds`).
     pub held_peak: u64,
     /// Held pages the process unmapped (FreeBSD keeps them until the last
@@ -415,6 +420,7 @@ pub fn resolve(name: &str) -> Option<u64> {
         "vm_object_deallocate" => vm_object_deallocate as *const () as usize,
         "vm_fault_quick_hold_pages" => vm_fault_quick_hold_pages as *const () as usize,
         "vm_page_unhold_pages" => vm_page_unhold_pages as *const () as usize,
+        "vm_page_dirty_KBI" => vm_page_dirty_kbi as *const () as usize,
         "malloc_aligned" => malloc_aligned as *const () as usize,
         "free" => free as *const () as usize,
         "malloc_init" => malloc_init as *const () as usize,
@@ -697,6 +703,27 @@ impl Kernel {
 /// naming it, if it printed one (a refused INIT).
 pub fn ram_checks(checks: &mut super::Checks) {
     map_change_checks(checks);
+    let (unholds, clean, device, want_device) = with(|k| {
+        let b = &k.books;
+        (b.unholds, b.unheld_clean, b.device_pages, device_pages(k))
+    });
+    // The guest writes its RAM behind the pmap's back, so a page the
+    // syncer cleaned while held must be dirtied again before its unhold,
+    // or FreeBSD frees it without writing it back (a MAP_SHARED file).
+    checks.check(
+        clean == 0,
+        "pages-dirty-at-unhold",
+        format_args!("{clean} of {unholds} unholds found a managed page not dirty"),
+    );
+    if let Some(kind) = want_device {
+        // Every page held was a device page; the module let go of each
+        // (the books_checks see none left held).
+        checks.check(
+            device > 0 && device == unholds,
+            "device-pages-released",
+            format_args!("{device} {kind:?} pages held, {unholds} unholds"),
+        );
+    }
     let (cap, peak, line) = with(|k| {
         let cap = k
             .kenv
@@ -908,10 +935,87 @@ fn hold(k: &mut Kernel, phys: u64) -> u64 {
         return *m;
     }
     let block = Block::new(k.layout.sizeof_vm_page, 8);
+    let l = k.layout;
     // SAFETY: a zeroed struct vm_page of the header size.
-    unsafe { poke(block.addr + k.layout.vm_page_phys_addr, phys) };
+    unsafe { poke(block.addr + l.vm_page_phys_addr, phys) };
+    // A page faulted in for the hold is all valid and, as FreeBSD's
+    // syncer may have cleaned it since, not dirty.
+    page_bits(k, block.addr + l.vm_page_valid, Some(l.VM_PAGE_BITS_ALL));
+    match device_pages(k) {
+        Some(DevicePages::Fictitious) => {
+            k.books.device_pages += 1;
+            // SAFETY: the `uint8_t flags` of the struct vm_page above.
+            unsafe { poke::<u8>(block.addr + l.vm_page_flags, l.PG_FICTITIOUS as u8) };
+        }
+        Some(DevicePages::Unmanaged) => {
+            k.books.device_pages += 1;
+            // SAFETY: the `uint8_t oflags` of the struct vm_page above.
+            unsafe { poke::<u8>(block.addr + l.vm_page_oflags, l.VPO_UNMANAGED as u8) };
+        }
+        None => {}
+    }
     k.books.held.insert(block.addr, (phys, 1, block));
     block.addr
+}
+
+/// The kenv variable (set with the testbed's `--tunable`) that makes
+/// every held page a device mapping's (/dev/mem, a DRM buffer):
+/// `fictitious` (PG_FICTITIOUS, an OBJT_DEVICE/OBJT_SG page) or
+/// `unmanaged` (VPO_UNMANAGED, an OBJT_PHYS page). The module must let go
+/// of each and fail the call.
+const DEVICE_PAGES: &str = "testbed.device_pages";
+
+/// The kinds of device page `testbed.device_pages` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DevicePages {
+    Fictitious,
+    Unmanaged,
+}
+
+fn device_pages(k: &Kernel) -> Option<DevicePages> {
+    let (_, v) = k.kenv.iter().find(|(n, _)| n == DEVICE_PAGES)?;
+    match v.as_str() {
+        "fictitious" => Some(DevicePages::Fictitious),
+        "unmanaged" => Some(DevicePages::Unmanaged),
+        _ => fail(format_args!("{DEVICE_PAGES}={v}: fictitious or unmanaged")),
+    }
+}
+
+/// Reads, or with `set` writes, a `vm_page_bits_t` field (`valid`,
+/// `dirty`) at `addr`: 8 bits on amd64 (PAGE_SIZE / DEV_BSIZE chunks,
+/// sys/vm/vm_page.h).
+fn page_bits(k: &Kernel, addr: u64, set: Option<u64>) -> u64 {
+    if k.layout.sizeof_vm_page_bits_t != 1 {
+        fail(format_args!(
+            "vm_page_bits_t of {} bytes: the personality models 1",
+            k.layout.sizeof_vm_page_bits_t
+        ));
+    }
+    match set {
+        // SAFETY: a `uint8_t` field of a struct vm_page block.
+        Some(v) => unsafe {
+            poke::<u8>(addr, v as u8);
+            v
+        },
+        // SAFETY: as above.
+        None => u64::from(unsafe { peek::<u8>(addr) }),
+    }
+}
+
+/// vm_page_dirty_KBI (sys/vm/vm_page.c), the vm_page_dirty() of a
+/// KLD_MODULE: sets every dirty bit, after FreeBSD's KASSERT that the
+/// page is all valid. The module calls it only on pages it holds.
+extern "C" fn vm_page_dirty_kbi(m: u64) {
+    with(|k| {
+        if !k.books.held.contains_key(&m) {
+            fail(format_args!("vm_page_dirty: {m:#x} is not a held page"));
+        }
+        let l = k.layout;
+        if page_bits(k, m + l.vm_page_valid, None) != l.VM_PAGE_BITS_ALL {
+            fail(format_args!("panic: vm_page_dirty: page is invalid!"));
+        }
+        page_bits(k, m + l.vm_page_dirty, Some(l.VM_PAGE_BITS_ALL));
+    })
 }
 
 /// vm_page_unhold_pages(9): drops one hold on each page.
@@ -920,12 +1024,28 @@ extern "C" fn vm_page_unhold_pages(ma: *const u64, count: c_int) {
         for i in 0..usize::try_from(count).unwrap_or(0) {
             // SAFETY: the caller passes `count` vm_page_t's.
             let m = unsafe { ma.add(i).read() };
-            let Some(entry) = k.books.held.get_mut(&m) else {
+            if !k.books.held.contains_key(&m) {
                 fail(format_args!(
                     "vm_page_unhold_pages: {m:#x} is not a held page"
                 ));
+            }
+            let l = k.layout;
+            // SAFETY: the `uint8_t flags` and `oflags` of a held page's
+            // struct vm_page.
+            let (flags, oflags) = unsafe {
+                (
+                    u64::from(peek::<u8>(m + l.vm_page_flags)),
+                    u64::from(peek::<u8>(m + l.vm_page_oflags)),
+                )
             };
+            let managed = flags & l.PG_FICTITIOUS == 0 && oflags & l.VPO_UNMANAGED == 0;
+            if managed && page_bits(k, m + l.vm_page_dirty, None) != l.VM_PAGE_BITS_ALL {
+                k.books.unheld_clean += 1;
+            }
             k.books.unholds += 1;
+            let Some(entry) = k.books.held.get_mut(&m) else {
+                continue;
+            };
             entry.1 -= 1;
             if entry.1 == 0 {
                 if let Some((phys, _, block)) = k.books.held.remove(&m) {
