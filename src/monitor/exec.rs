@@ -53,6 +53,7 @@ const LOCKED_BUCKETS: usize = 2048;
 const LOCKED_CAP: usize = 8192;
 
 /// Vectors (SDM Vol. 3A Table 6-1).
+const VEC_DB: u8 = 1;
 const VEC_UD: u8 = 6;
 const VEC_DF: u8 = 8;
 const VEC_TS: u8 = 10;
@@ -773,12 +774,20 @@ impl<H: Host> Monitor<H> {
             );
             let next = |len: u64| next_ip(&entry, area.rip, len);
             report = match outcome {
-                Outcome::Exception { error_code, .. } => ExitReport {
-                    retval: outcome.retval(),
-                    error_code,
-                    cr2: None,
-                    next_eip: None,
-                },
+                Outcome::Exception { vector, error_code } => {
+                    if vector == VEC_DB {
+                        // The guest's DR6 gains what its #DB set, as the
+                        // processor would have set it (ABI.md: the client
+                        // copies dr6 back; kqemu reported DR6 there).
+                        state.dr6 |= exit.dr6;
+                    }
+                    ExitReport {
+                        retval: outcome.retval(),
+                        error_code,
+                        cr2: None,
+                        next_eip: None,
+                    }
+                }
                 Outcome::Int { length, .. } => ExitReport {
                     retval: outcome.retval(),
                     error_code: 0,
@@ -861,6 +870,7 @@ impl<H: Host> Monitor<H> {
             entry_failed: true,
             pending_nmi: false,
             pending_mc: false,
+            dr6: 0,
         })
     }
 
@@ -1548,6 +1558,7 @@ mod tests {
                 entry_failed: false,
                 pending_nmi: false,
                 pending_mc: false,
+                dr6: 0,
             };
             let pages = [
                 NonNull::new(self.host.page(LISTS[0])).expect("page"),

@@ -99,6 +99,20 @@ kqemu_switch_run:
     xorl %eax, %eax
     movq %rax, %dr7
 1:
+    /* DR6: the processor sets its status bits on a #DB and never clears
+     * them (SDM Vol. 3B 18.2.3), so a guest's single step or ICEBP would
+     * leave them for the host's next #DB to misread. Saved here, cleared
+     * for the run only when some are set (a DR6 write is costly where a
+     * read is not), so that after an exit through vector 1 they are the
+     * guest's alone; restored by the exit when the run may have changed
+     * it. */
+    movq %dr6, %rax
+    movq %rax, {A_HOST_DR6}(%rbx)
+    testq ${DR6_STATUS}, %rax
+    jz 1f
+    movl ${DR6_INIT}, %eax
+    movq %rax, %dr6
+1:
 
     /* SYSENTER_CS = 0 while the guest runs: SYSENTER then raises #GP
      * instead of entering the host at ring 0 (SDM Vol. 2B SYSENTER). */
@@ -430,6 +444,22 @@ kqemu_switch_exit_common:
     movl {A_HOST_GS_BASE}+4(%rbx), %edx
     wrmsr
 2:
+    /* DR6 back to the host's value when a #DB (the guest's, or one in
+     * the switch) or the entry changed it; the guest's bits go to the
+     * area first. */
+    cmpq $1, {A_EXIT_VECTOR}(%rbx)
+    jne 1f
+    movq %dr6, %rax
+    andl ${DR6_STATUS}, %eax
+    movq %rax, {A_EXIT_DR6}(%rbx)
+    jmp 2f
+1:
+    testq ${DR6_STATUS}, {A_HOST_DR6}(%rbx)
+    jz 3f
+2:
+    movq {A_HOST_DR6}(%rbx), %rax
+    movq %rax, %dr6
+3:
     /* Host breakpoints last: a hit now finds the host's own tables. */
     movq {A_HOST_DR7}(%rbx), %rax
     testq ${DR7_ENABLE_MASK}, %rax

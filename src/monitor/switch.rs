@@ -30,6 +30,11 @@ const CR4_FSGSBASE: u64 = 1 << 16;
 /// DR7 L0-L3 and G0-G3: a breakpoint is armed only with one of them
 /// (SDM Vol. 3B 18.2.4).
 const DR7_ENABLE_MASK: u64 = 0xff;
+/// DR6 B0-B3, BD, BS and BT: the bits a #DB sets and the processor never
+/// clears (SDM Vol. 3B 18.2.3); DR6's value after reset (the others
+/// reserved, 1 in bits 31:16 and 11:4, 0 in 63:32).
+pub const DR6_STATUS: u64 = 0xf | 1 << 13 | 1 << 14 | 1 << 15;
+const DR6_INIT: u64 = 0xffff_0ff0;
 /// `SwitchArea::flags`: the switch uses RDFSBASE/WRFSBASE/RDGSBASE/
 /// WRGSBASE instead of the MSRs; it reads the code bytes of a #UD or #GP
 /// exit (`code_mask` is set); it needs STAC/CLAC to read them (CR4.SMAP).
@@ -190,6 +195,9 @@ pub struct SwitchArea {
     pub host_ss: u64,
     pub host_sysenter_cs: u64,
     pub host_dr7: u64,
+    /// The host's DR6 (switch.S clears its status bits for the run when
+    /// any is set, and puts it back when the run may have changed it).
+    pub host_dr6: u64,
     pub exit_vector: u64,
     pub exit_error: u64,
     pub exit_cr2: u64,
@@ -205,6 +213,9 @@ pub struct SwitchArea {
     pub exit_code_len: u64,
     /// 1 while the exit reads them (a fault there resumes the exit).
     pub reading_code: u64,
+    /// The [`DR6_STATUS`] bits of DR6 after an exit through vector 1
+    /// (those of the guest's #DB: the run starts with them clear).
+    pub exit_dr6: u64,
 }
 
 impl SwitchArea {
@@ -331,6 +342,8 @@ core::arch::global_asm!(
     A_GUEST_GS_BASE = const offset_of!(SwitchArea, gs_base),
     A_FLAGS = const offset_of!(SwitchArea, flags),
     A_HOST_DR7 = const offset_of!(SwitchArea, host_dr7),
+    A_HOST_DR6 = const offset_of!(SwitchArea, host_dr6),
+    A_EXIT_DR6 = const offset_of!(SwitchArea, exit_dr6),
     A_GUEST_RIP = const offset_of!(SwitchArea, rip),
     A_EXIT_VECTOR = const offset_of!(SwitchArea, exit_vector),
     A_EXIT_ERROR = const offset_of!(SwitchArea, exit_error),
@@ -353,6 +366,8 @@ core::arch::global_asm!(
     F_STAC = const F_STAC,
     RFLAGS_AC = const RFLAGS_AC,
     DR7_ENABLE_MASK = const DR7_ENABLE_MASK,
+    DR6_STATUS = const DR6_STATUS,
+    DR6_INIT = const DR6_INIT,
     ERROR_CODE_VECTORS = const ERROR_CODE_VECTORS,
     options(att_syntax)
 );
@@ -455,8 +470,10 @@ pub fn tss_descriptor(base: u64) -> [u64; 2] {
 /// Why the switcher pages of a CPU cannot be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SetupError {
-    /// Every switcher block is held by another CPU's run.
+    /// Every switcher block is held by another CPU's run (or failed).
     AllBlocksBusy,
+    /// Every switcher block failed its setup.
+    AllBlocksFailed,
     /// The host gave no physical address for a switcher page.
     NoPhysical,
     /// The switcher's pages do not all lie in one PML4 slot, or need more
@@ -593,14 +610,18 @@ fn read_gdtr() -> PseudoDescriptor {
     d
 }
 
-/// Takes a free bit of `claimed` (one of `SWITCHER_BLOCKS`), trying
-/// `preferred` first so that a CPU keeps finding the block it set up last
-/// (nothing to redo then). `None` when every bit is taken.
-fn claim_bit(claimed: &AtomicU32, preferred: usize) -> Option<usize> {
+/// Every block's bit.
+const ALL_BLOCKS: u32 = u32::MAX >> (32 - SWITCHER_BLOCKS);
+
+/// Takes a free bit of `claimed` (one of `SWITCHER_BLOCKS`) that is not
+/// in `skip`, trying `preferred` first so that a CPU keeps finding the
+/// block it set up last (nothing to redo then). `None` when every bit is
+/// taken or skipped.
+fn claim_bit(claimed: &AtomicU32, skip: u32, preferred: usize) -> Option<usize> {
     for step in 0..SWITCHER_BLOCKS {
         let i = (preferred + step) % SWITCHER_BLOCKS;
         let bit = 1u32 << i;
-        if claimed.load(Ordering::Relaxed) & bit != 0 {
+        if (claimed.load(Ordering::Relaxed) | skip) & bit != 0 {
             continue;
         }
         // Acquire: the block's contents as the last holder left them.
@@ -615,6 +636,15 @@ fn claim_bit(claimed: &AtomicU32, preferred: usize) -> Option<usize> {
 /// block's contents to the next holder.
 fn release_bit(claimed: &AtomicU32, i: usize) {
     claimed.fetch_and(!(1u32 << i), Ordering::Release);
+}
+
+/// The bits of the blocks whose setup failed.
+fn failed_blocks(ready: &[AtomicU8; SWITCHER_BLOCKS]) -> u32 {
+    ready
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.load(Ordering::Acquire) == SETUP_FAILED)
+        .fold(0, |mask, (i, _)| mask | 1 << i)
 }
 
 /// A switcher block held by this thread; given back when dropped.
@@ -636,7 +666,7 @@ pub(crate) struct AllBlocksHeld;
 #[cfg(test)]
 impl AllBlocksHeld {
     pub(crate) fn take() -> Self {
-        let all = u32::MAX >> (32 - SWITCHER_BLOCKS);
+        let all = ALL_BLOCKS;
         // No other host test claims blocks: a free block here would let
         // prepare_cpu go on to the hardware.
         assert_eq!(CLAIMED.swap(all, Ordering::AcqRel), 0, "blocks free");
@@ -670,7 +700,15 @@ pub unsafe fn prepare_cpu(
     cpu: usize,
     virt_to_phys: impl Fn(u64) -> Option<u64>,
 ) -> Result<CpuSwitcher, SetupError> {
-    let index = claim_bit(&CLAIMED, cpu % SWITCHER_BLOCKS).ok_or(SetupError::AllBlocksBusy)?;
+    // A block whose setup failed stays failed: never claimed again, or
+    // the CPUs preferring it would never run guest code natively.
+    let failed = failed_blocks(&READY);
+    let index =
+        claim_bit(&CLAIMED, failed, cpu % SWITCHER_BLOCKS).ok_or(if failed == ALL_BLOCKS {
+            SetupError::AllBlocksFailed
+        } else {
+            SetupError::AllBlocksBusy
+        })?;
     // From here on an early return gives the block back (Claim::drop).
     let claim = Claim { index };
     let ready = &READY[index];
@@ -857,6 +895,9 @@ pub struct Exit {
     /// An NMI or machine check arrived inside the switch.
     pub pending_nmi: bool,
     pub pending_mc: bool,
+    /// The [`DR6_STATUS`] bits a #DB exit (vector 1) set: what the
+    /// guest's DR6 gains (0 for every other exit).
+    pub dr6: u64,
 }
 
 impl CpuSwitcher {
@@ -1003,6 +1044,7 @@ impl CpuSwitcher {
         }
         a.exit_kind = 0;
         a.pending = 0;
+        a.exit_dr6 = 0;
         let area: *mut SwitchArea = a;
         // SAFETY: the caller guarantees the state the assembly loads is
         // valid; the area and tables live in this CPU's block.
@@ -1015,6 +1057,7 @@ impl CpuSwitcher {
             entry_failed: a.exit_kind != 0,
             pending_nmi: a.pending & 1 != 0,
             pending_mc: a.pending & 2 != 0,
+            dr6: a.exit_dr6,
         }
     }
 }
@@ -1275,17 +1318,17 @@ mod tests {
     #[test]
     fn a_block_is_claimed_preferred_first_then_the_next_free_one() {
         let claimed = AtomicU32::new(0);
-        assert_eq!(claim_bit(&claimed, 5), Some(5));
-        assert_eq!(claim_bit(&claimed, 5), Some(6), "5 is held");
+        assert_eq!(claim_bit(&claimed, 0, 5), Some(5));
+        assert_eq!(claim_bit(&claimed, 0, 5), Some(6), "5 is held");
         // CPU 63 and CPU 200 prefer blocks 31 and 8 (index modulo 32).
-        assert_eq!(claim_bit(&claimed, 63 % SWITCHER_BLOCKS), Some(31));
+        assert_eq!(claim_bit(&claimed, 0, 63 % SWITCHER_BLOCKS), Some(31));
         assert_eq!(
-            claim_bit(&claimed, 31),
+            claim_bit(&claimed, 0, 31),
             Some(0),
             "wraps past the last block"
         );
         release_bit(&claimed, 5);
-        assert_eq!(claim_bit(&claimed, 5), Some(5), "given back");
+        assert_eq!(claim_bit(&claimed, 0, 5), Some(5), "given back");
         assert_eq!(
             claimed.load(Ordering::Relaxed),
             1 << 0 | 1 << 5 | 1 << 6 | 1 << 31
@@ -1293,19 +1336,49 @@ mod tests {
     }
 
     #[test]
+    fn a_block_whose_setup_failed_is_never_claimed() {
+        let ready: [AtomicU8; SWITCHER_BLOCKS] =
+            [const { AtomicU8::new(NOT_SET_UP) }; SWITCHER_BLOCKS];
+        ready[5].store(SETUP_FAILED, Ordering::Relaxed);
+        ready[6].store(SET_UP, Ordering::Relaxed);
+        ready[31].store(SETUP_FAILED, Ordering::Relaxed);
+        let failed = failed_blocks(&ready);
+        assert_eq!(failed, 1 << 5 | 1 << 31);
+        let claimed = AtomicU32::new(0);
+        // CPU 5 (and 37) prefer block 5: the next one instead, each time.
+        assert_eq!(claim_bit(&claimed, failed, 5), Some(6));
+        release_bit(&claimed, 6);
+        assert_eq!(claim_bit(&claimed, failed, 37 % SWITCHER_BLOCKS), Some(6));
+        assert_eq!(claim_bit(&claimed, failed, 31), Some(0), "past 31 too");
+        // Every other block held: none to claim, the failed ones neither.
+        for i in 0..SWITCHER_BLOCKS {
+            if failed & 1 << i == 0 && i != 0 && i != 6 {
+                assert_eq!(claim_bit(&claimed, failed, i), Some(i));
+            }
+        }
+        assert_eq!(claimed.load(Ordering::Relaxed), ALL_BLOCKS & !failed);
+        assert_eq!(claim_bit(&claimed, failed, 5), None);
+        assert_eq!(claim_bit(&claimed, failed, 31), None);
+        // With every block failed nothing is ever claimed.
+        let none = AtomicU32::new(0);
+        assert_eq!(claim_bit(&none, ALL_BLOCKS, 3), None);
+        assert_eq!(none.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn with_every_block_held_a_claim_fails_until_one_is_given_back() {
         let claimed = AtomicU32::new(0);
         let mut got: std::vec::Vec<usize> = (0..SWITCHER_BLOCKS)
-            .map(|cpu| claim_bit(&claimed, (cpu * 7) % SWITCHER_BLOCKS).expect("a free block"))
+            .map(|cpu| claim_bit(&claimed, 0, (cpu * 7) % SWITCHER_BLOCKS).expect("a free block"))
             .collect();
         got.sort_unstable();
         assert_eq!(got, (0..SWITCHER_BLOCKS).collect::<std::vec::Vec<_>>());
         // The 33rd CPU running a guest at the same moment.
-        assert_eq!(claim_bit(&claimed, 0), None);
-        assert_eq!(claim_bit(&claimed, 17), None);
+        assert_eq!(claim_bit(&claimed, 0, 0), None);
+        assert_eq!(claim_bit(&claimed, 0, 17), None);
         release_bit(&claimed, 20);
-        assert_eq!(claim_bit(&claimed, 3), Some(20));
-        assert_eq!(claim_bit(&claimed, 3), None);
+        assert_eq!(claim_bit(&claimed, 0, 3), Some(20));
+        assert_eq!(claim_bit(&claimed, 0, 3), None);
     }
 
     #[test]
@@ -1321,7 +1394,7 @@ mod tests {
                 scope.spawn(move || {
                     for _ in 0..2000 {
                         // More threads than blocks: a claim may fail.
-                        let Some(i) = claim_bit(claimed, t % SWITCHER_BLOCKS) else {
+                        let Some(i) = claim_bit(claimed, 0, t % SWITCHER_BLOCKS) else {
                             continue;
                         };
                         assert_eq!(holders[i].swap(t, Ordering::Relaxed), 0, "block {i} shared");

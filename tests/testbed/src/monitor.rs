@@ -72,6 +72,9 @@ const DR7_L0_EXECUTE: u64 = 1 << 0 | 1 << 10;
 const DR7_DISABLED: u64 = 1 << 10;
 /// #DB.
 const VECTOR_DEBUG: i32 = 1;
+/// EFLAGS.TF (SDM Vol. 1 3.4.3) and DR6.BS (SDM Vol. 3B 18.2.3).
+const EFLAGS_TF: u64 = 1 << 8;
+const DR6_BS: u64 = 1 << 14;
 
 /// FreeBSD's kernel CS (GCODE_SEL 4, RPL 0), whose index is that of Linux
 /// x86_64's __USER32_CS 0x23, the CS of every i386 program under a
@@ -153,6 +156,18 @@ unsafe fn set_breakpoint(dr0: u64, dr7: u64) {
     unsafe {
         core::arch::asm!("mov dr0, {}", "mov dr7, {}", in(reg) dr0, in(reg) dr7, options(nostack))
     };
+}
+
+/// DR6, which the world switch must give back as it was before every
+/// EXEC: a guest's single step (TF) or ICEBP sets its status bits, which
+/// the processor never clears (SDM Vol. 3B 18.2.3), and the host's next
+/// #DB would misread them. Checked on every EXEC of every monitor run
+/// (the `exceptions` guest's db-tf and db-icebp cases make such exits).
+fn read_dr6() -> u64 {
+    let v: u64;
+    // SAFETY: reading DR6 at CPL 0 has no side effect.
+    unsafe { core::arch::asm!("mov {}, dr6", out(reg) v, options(nomem, nostack)) };
+    v
 }
 
 fn read_dr7() -> u64 {
@@ -292,8 +307,28 @@ impl ExecCpu for TestbedCpu<'_> {
             // kernel never executes (the guests' CS base is 0).
             unsafe { set_breakpoint(at, DR7_L0_EXECUTE) };
         }
+        let dr6 = read_dr6();
         let entered = x86::rdtsc();
         let done = on_freebsd_cs(|| ioctl(self.file, KQEMU_EXEC, state));
+        let dr6_after = read_dr6();
+        if dr6_after != dr6 {
+            crate::fail(format_args!(
+                "host DR6 {dr6_after:#x} after EXEC (retval {:#x}), was {dr6:#x}: not restored",
+                state.retval
+            ));
+        }
+        // A single step (TF still set in the frame of the #DB) leaves BS in
+        // the guest's DR6, as the processor sets it (SDM Vol. 3B 18.2.3).
+        if done.is_ok()
+            && state.retval == KQEMU_RET_EXCEPTION | VECTOR_DEBUG
+            && state.eflags & EFLAGS_TF != 0
+            && state.dr6 & DR6_BS == 0
+        {
+            crate::fail(format_args!(
+                "guest single step at {:#x}: guest DR6 {:#x} without BS",
+                state.eip, state.dr6
+            ));
+        }
         if armed {
             let dr7 = read_dr7();
             // SAFETY: disarms every breakpoint.
