@@ -359,15 +359,28 @@ kqemu_switch_exit_common:
 
 5:  /* Back to the host: %rbx = area, interrupts disabled. CS is M, or
      * the host's after a fault before the entry's far return: the copy
-     * goes back first either way, then CS is the host's. */
+     * goes back first either way, then CS is the host's.
+     * The far return's two words go on the area's own far-return frame,
+     * not on the IST stack the exit runs on: after an exit through an NMI
+     * that stack is IST1, and an #MC stub's IRETQ unblocks NMIs (SDM
+     * Vol. 3A 6.7.1), so a second NMI would start again at IST1's top
+     * and overwrite them. Every monitor gate uses an IST stack, so
+     * nothing else pushes onto that frame while %rsp points at it (the
+     * host's IDT is loaded only after the LRETQ); the host's RSP is no
+     * choice, the host's stack is not mapped under the shadow CR3 still
+     * loaded here. The exit's stack is back in %rsp right after: nothing
+     * below reads what it held. */
     movq {A_HOST_CS_SLOT}(%rbx), %rcx
     movq {A_HOST_CS_DESC}(%rbx), %rax
     movq %rax, (%rcx)
+    movq %rsp, %rdx
+    leaq {A_FAR_FRAME_END}(%rbx), %rsp
     leaq 1f(%rip), %rax
     pushq {A_HOST_CS}(%rbx)
     pushq %rax
     lretq
 1:
+    movq %rdx, %rsp
     movq {A_HOST_CR3}(%rbx), %rax
     movq %rax, %cr3
     movl ${MSR_EFER}, %ecx

@@ -76,6 +76,7 @@ const VECTOR_STUB_SIZE: usize = 16;
 pub const SWITCHER_BLOCKS: usize = 32;
 
 /// Vectors (SDM Vol. 3A Table 6-1).
+pub const VECTOR_DEBUG: u8 = 1;
 pub const VECTOR_NMI: u8 = 2;
 pub const VECTOR_DOUBLE_FAULT: u8 = 8;
 pub const VECTOR_MACHINE_CHECK: u8 = 18;
@@ -216,6 +217,9 @@ pub struct SwitchArea {
     /// The [`DR6_STATUS`] bits of DR6 after an exit through vector 1
     /// (those of the guest's #DB: the run starts with them clear).
     pub exit_dr6: u64,
+    /// The exit's far return to the host's CS pops its RIP and CS from
+    /// here (switch.S: a stack no interrupt shares).
+    pub far_frame: [u64; 2],
 }
 
 impl SwitchArea {
@@ -344,6 +348,7 @@ core::arch::global_asm!(
     A_HOST_DR7 = const offset_of!(SwitchArea, host_dr7),
     A_HOST_DR6 = const offset_of!(SwitchArea, host_dr6),
     A_EXIT_DR6 = const offset_of!(SwitchArea, exit_dr6),
+    A_FAR_FRAME_END = const offset_of!(SwitchArea, far_frame) + size_of::<[u64; 2]>(),
     A_GUEST_RIP = const offset_of!(SwitchArea, rip),
     A_EXIT_VECTOR = const offset_of!(SwitchArea, exit_vector),
     A_EXIT_ERROR = const offset_of!(SwitchArea, exit_error),
@@ -400,6 +405,7 @@ const _: () = {
     assert!(offset_of!(SwitchArea, ss) == offset_of!(SwitchArea, rip) + 32);
     assert!(offset_of!(SwitchArea, mon_gdtr) % 8 == 0);
     assert!(offset_of!(SwitchArea, host_gdtr) % 8 == 0);
+    assert!(offset_of!(SwitchArea, far_frame) % 8 == 0);
     assert!(size_of::<AreaPage>() == PAGE);
     assert!(offset_of!(CpuBlock, idt) == 16 * PAGE);
     assert!(offset_of!(CpuBlock, area) == 17 * PAGE);
@@ -481,6 +487,11 @@ pub enum SetupError {
     Layout,
     /// The host's CS selector is not usable in the monitor GDT.
     HostSelector,
+    /// The host IDT's gate for `vector` is missing, not an interrupt or
+    /// trap gate, or names another code selector (`selector`) than the
+    /// CS the switch is entered on: the monitor GDT holds no descriptor
+    /// for it while the host's IDT may be loaded.
+    HostGate { vector: u8, selector: Option<u16> },
 }
 
 /// The switcher's part of the shadow tree for one CPU: maps 4 KiB pages
@@ -610,6 +621,58 @@ fn read_gdtr() -> PseudoDescriptor {
     d
 }
 
+/// The host IDT's vectors that can be delivered while the host's IDT
+/// meets the monitor GDT (interrupts disabled, no fault expected there):
+/// #DB, NMI, #DF and #MC. Their gates must name the host CS, the only
+/// host code descriptor the monitor GDT holds a copy of (switch.S).
+const HOST_GATES_CHECKED: [u8; 4] = [
+    VECTOR_DEBUG,
+    VECTOR_NMI,
+    VECTOR_DOUBLE_FAULT,
+    VECTOR_MACHINE_CHECK,
+];
+
+/// The code selector a 16-byte IDT gate names when it is present and a
+/// 64-bit interrupt or trap gate (SDM Vol. 3A 6.14.1, Figure 6-8: bits
+/// 31:16 the selector, 43:40 the type, 47 P).
+pub fn gate_selector(gate: [u64; 2]) -> Option<u16> {
+    const TYPE_INTERRUPT_GATE: u64 = 0xe;
+    const TYPE_TRAP_GATE: u64 = 0xf;
+    const PRESENT: u64 = 1 << 47;
+    let kind = (gate[0] >> 40) & 0xf;
+    if gate[0] & PRESENT == 0 || (kind != TYPE_INTERRUPT_GATE && kind != TYPE_TRAP_GATE) {
+        return None;
+    }
+    Some((gate[0] >> 16) as u16)
+}
+
+/// Checks that the gates of [`HOST_GATES_CHECKED`] in the host IDT name
+/// `host_cs`; `gate(v)` is the IDT's gate for vector `v`, `None` past its
+/// limit.
+fn check_host_gates(gate: impl Fn(u8) -> Option<[u64; 2]>, host_cs: u16) -> Result<(), SetupError> {
+    for vector in HOST_GATES_CHECKED {
+        let selector = gate(vector).and_then(gate_selector);
+        if selector != Some(host_cs) {
+            return Err(SetupError::HostGate { vector, selector });
+        }
+    }
+    Ok(())
+}
+
+/// The host's current IDTR.
+fn read_idtr() -> PseudoDescriptor {
+    let mut d = PseudoDescriptor::default();
+    // SAFETY: SIDT stores 10 bytes at the given address, inside `d`.
+    unsafe {
+        core::arch::asm!(
+            "sidt [{0}]",
+            in(reg) core::ptr::addr_of_mut!(d.limit),
+            options(nostack)
+        )
+    };
+    d
+}
+
 /// Every block's bit.
 const ALL_BLOCKS: u32 = u32::MAX >> (32 - SWITCHER_BLOCKS);
 
@@ -720,10 +783,14 @@ pub unsafe fn prepare_cpu(
         SET_UP => bind_to_cpu(b, cpu)?,
         NOT_SET_UP => {
             let result = set_up(b, cpu, &virt_to_phys);
-            ready.store(
-                if result.is_ok() { SET_UP } else { SETUP_FAILED },
-                Ordering::Release,
-            );
+            // Host gates that do not name the host CS concern this CPU's
+            // IDT, not the block: another CPU may still set it up.
+            let next = match result {
+                Ok(()) => SET_UP,
+                Err(SetupError::HostGate { .. }) => NOT_SET_UP,
+                Err(_) => SETUP_FAILED,
+            };
+            ready.store(next, Ordering::Release);
             result?;
         }
         _ => return Err(SetupError::Layout),
@@ -751,6 +818,19 @@ fn bind_to_cpu(b: &mut CpuBlock, cpu: usize) -> Result<(), SetupError> {
     // SAFETY: the host's GDT is mapped and holds the descriptor of the CS
     // we run on (checked against its limit above).
     let cs_desc = unsafe { ((host_gdt.base + u64::from(cs_index) * 8) as *const u64).read() };
+    let host_idt = read_idtr();
+    check_host_gates(
+        |vector| {
+            let offset = u64::from(vector) * 16;
+            (offset + 15 <= u64::from(host_idt.limit)).then(|| {
+                let p = (host_idt.base + offset) as *const [u64; 2];
+                // SAFETY: the host's loaded IDT is mapped in the kernel
+                // and holds this gate (checked against its limit).
+                unsafe { p.read_unaligned() }
+            })
+        },
+        host_cs,
+    )?;
 
     let state = &mut b.area.state;
     let last = state.written_len.min(state.written.len());
@@ -1251,6 +1331,78 @@ mod tests {
         assert_eq!(d >> 54 & 1, 0, "D clear with L (SDM Vol. 3A 5.2.1)");
         // Linux's __KERNEL_CS descriptor, for comparison.
         assert_eq!(d, 0x00af_9b00_0000_ffff);
+    }
+
+    #[test]
+    fn host_gates_are_decoded_as_the_sdm_lays_them_out() {
+        // A FreeBSD-style interrupt gate on GCODE_SEL 0x20 with IST 2.
+        let nmi = interrupt_gate(0xffff_ffff_80a1_2340, 0x20, 2);
+        assert_eq!(gate_selector(nmi), Some(0x20));
+        // The same as a trap gate (type 0xF).
+        let trap = [nmi[0] | 1 << 40, nmi[1]];
+        assert_eq!(gate_selector(trap), Some(0x20));
+        // Not present; a call gate (type 0xC); a zero entry.
+        assert_eq!(gate_selector([nmi[0] & !(1 << 47), nmi[1]]), None);
+        assert_eq!(
+            gate_selector([nmi[0] & !(0xf << 40) | 0xc << 40, nmi[1]]),
+            None
+        );
+        assert_eq!(gate_selector([0, 0]), None);
+        // A raw gate, selector 0x08 in bits 31:16, offset bits elsewhere.
+        assert_eq!(
+            gate_selector([0x8123_8e00_0008_4567, 0xffff_ffff]),
+            Some(0x08)
+        );
+    }
+
+    #[test]
+    fn host_gates_must_name_the_host_cs() {
+        let mut idt = [[0u64; 2]; 256];
+        for (v, g) in idt.iter_mut().enumerate() {
+            *g = interrupt_gate(0xffff_ffff_8000_0000 + v as u64 * 16, 0x20, 0);
+        }
+        let limit = |idt: &[[u64; 2]; 256], n: usize| {
+            let idt = *idt;
+            move |v: u8| (usize::from(v) < n).then(|| idt[usize::from(v)])
+        };
+        assert_eq!(check_host_gates(limit(&idt, 256), 0x20), Ok(()));
+        assert_eq!(
+            check_host_gates(limit(&idt, 256), 0x08),
+            Err(SetupError::HostGate {
+                vector: 1,
+                selector: Some(0x20)
+            })
+        );
+        // Vectors nothing delivers in the switch windows are not checked.
+        idt[3] = interrupt_gate(0, 0x08, 0);
+        idt[32] = [0, 0];
+        assert_eq!(check_host_gates(limit(&idt, 256), 0x20), Ok(()));
+        // #MC past the IDT's limit.
+        assert_eq!(
+            check_host_gates(limit(&idt, 18), 0x20),
+            Err(SetupError::HostGate {
+                vector: 18,
+                selector: None
+            })
+        );
+        // NMI on another selector, #DF not present.
+        idt[2] = interrupt_gate(0, 0x08, 2);
+        assert_eq!(
+            check_host_gates(limit(&idt, 256), 0x20),
+            Err(SetupError::HostGate {
+                vector: 2,
+                selector: Some(0x08)
+            })
+        );
+        idt[2] = interrupt_gate(0, 0x20, 2);
+        idt[8][0] &= !(1 << 47);
+        assert_eq!(
+            check_host_gates(limit(&idt, 256), 0x20),
+            Err(SetupError::HostGate {
+                vector: 8,
+                selector: None
+            })
+        );
     }
 
     #[test]

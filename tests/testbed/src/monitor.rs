@@ -88,8 +88,11 @@ const KERNEL_CS_INDEX: usize = (crate::trap::KERNEL_CS >> 3) as usize;
 /// Runs `f` with CS = [`FREEBSD_KERNEL_CS`], the GDT entry it names
 /// holding a copy of this kernel's code descriptor meanwhile. That entry
 /// is the native runner's user data segment, which nothing loads in
-/// monitor mode (no code of this kernel runs at ring 3 here); the IDT's
-/// gates keep naming KERNEL_CS, and an interrupt returns to either.
+/// monitor mode (no code of this kernel runs at ring 3 here). The IDT's
+/// gates name it too meanwhile, as FreeBSD's name its kernel CS: the
+/// world switch refuses a host whose #DB, NMI, #DF and #MC gates name
+/// another selector than the CS it is entered on. Both selectors are
+/// valid throughout, so an interrupt at any point runs and returns.
 fn on_freebsd_cs<R>(f: impl FnOnce() -> R) -> R {
     let mut gdtr = [0u8; 10];
     // SAFETY: SGDT stores 10 bytes into `gdtr`.
@@ -113,16 +116,51 @@ fn on_freebsd_cs<R>(f: impl FnOnce() -> R) -> R {
             .write_volatile(gdt.add(KERNEL_CS_INDEX).read_volatile());
         saved
     };
+    // SAFETY: the GDT entry of FREEBSD_KERNEL_CS holds the kernel's code
+    // descriptor from here until the gates name KERNEL_CS again.
+    unsafe { retarget_gates(FREEBSD_KERNEL_CS) };
     // SAFETY: a far return to a copy of the running code descriptor at
     // the same privilege level (SDM Vol. 2B RET): only CS changes.
     unsafe { far_return_to(FREEBSD_KERNEL_CS) };
     let result = f();
-    // SAFETY: back onto this kernel's own CS, then the entry back.
+    // SAFETY: back onto this kernel's own CS and gates, then the entry
+    // back.
     unsafe {
         far_return_to(crate::trap::KERNEL_CS);
+        retarget_gates(crate::trap::KERNEL_CS);
         gdt.add(index).write_volatile(saved);
     }
     result
+}
+
+/// Makes every gate of the loaded IDT name `selector` (bits 31:16 of a
+/// 16-byte gate, SDM Vol. 3A 6.14.1).
+///
+/// # Safety
+///
+/// `selector` names a 64-bit DPL-0 code descriptor of the loaded GDT as
+/// long as the gates name it.
+unsafe fn retarget_gates(selector: u16) {
+    const SELECTOR_SHIFT: u32 = 16;
+    let mut idtr = [0u8; 10];
+    // SAFETY: SIDT stores 10 bytes into `idtr`.
+    unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack)) };
+    let gates = (usize::from(u16::from_le_bytes([idtr[0], idtr[1]])) + 1) / 16;
+    let mut base = [0u8; 8];
+    base.copy_from_slice(&idtr[2..]);
+    let idt = u64::from_le_bytes(base) as *mut u64;
+    for gate in 0..gates {
+        // SAFETY: the gate lies inside the loaded IDT (its limit), a
+        // static of this kernel (cpu.rs); one aligned 8-byte write, so an
+        // interrupt meanwhile finds the old gate or the new one, each
+        // naming a valid code descriptor (the caller's guarantee).
+        unsafe {
+            let low = idt.add(2 * gate);
+            let old = low.read_volatile();
+            let new = old & !(0xffff << SELECTOR_SHIFT) | u64::from(selector) << SELECTOR_SHIFT;
+            low.write_volatile(new);
+        }
+    }
 }
 
 /// Reloads CS with `selector` by a far return.
