@@ -841,21 +841,27 @@ impl<'r, 'c> Process<'r, 'c> {
             return Err(einval);
         }
         let len = len.checked_next_multiple_of(kpi::PAGE_SIZE).ok_or(einval)?;
-        let placement = if flags & MAP_FIXED != 0 {
-            // Replaces what is mapped there, as munmap would.
-            self.release_file_pages(addr, addr.saturating_add(len))?;
-            self.keep_held_pages(addr, addr.saturating_add(len))?;
-            Placement::Fixed(addr)
-        } else {
-            self.keep_held_pages(0, 0)?;
-            Placement::Hint(addr)
-        };
+        let placement = self.placement(addr, len, flags)?;
         let (mm, ram) = self.mm();
         let at = mm
             .map_region(ram, placement, len, (prot & PROT_MASK) as u32)
             .map_err(errno)?;
         kpi::with(|k| k.mapped(at, len, prot & PROT_MASK));
         Ok(at)
+    }
+
+    /// Where a new mapping goes: MAP_FIXED replaces what is mapped at
+    /// `addr..addr + len`, as munmap would (file pages released, pages the
+    /// module holds kept); otherwise `addr` is a hint.
+    fn placement(&mut self, addr: u64, len: u64, flags: u64) -> Result<Placement, i32> {
+        if flags & MAP_FIXED != 0 {
+            self.release_file_pages(addr, addr.saturating_add(len))?;
+            self.keep_held_pages(addr, addr.saturating_add(len))?;
+            Ok(Placement::Fixed(addr))
+        } else {
+            self.keep_held_pages(0, 0)?;
+            Ok(Placement::Hint(addr))
+        }
     }
 
     /// mmap(2) of /tmp file `id` (MAP_SHARED only: a private mapping is
@@ -884,14 +890,7 @@ impl<'r, 'c> Process<'r, 'c> {
             log!("kld: mmap past the end of a /tmp file is not modelled: EINVAL");
             return Err(einval);
         }
-        let placement = if flags & MAP_FIXED != 0 {
-            self.release_file_pages(addr, addr.saturating_add(len))?;
-            self.keep_held_pages(addr, addr.saturating_add(len))?;
-            Placement::Fixed(addr)
-        } else {
-            self.keep_held_pages(0, 0)?;
-            Placement::Hint(addr)
-        };
+        let placement = self.placement(addr, len, flags)?;
         let (mm, ram) = self.mm();
         let at = mm
             .map_region(ram, placement, len, prot as u32)
