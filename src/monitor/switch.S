@@ -206,6 +206,15 @@ kqemu_switch_run:
     movq 120(%rsp), %r15
     movq 0(%rsp), %rax
     leaq {A_GUEST_RIP}(%rsp), %rsp
+    /* MDS: VERW with a memory operand overwrites the CPU's buffers when
+     * it enumerates MD_CLEAR (Intel's MDS guidance: the last thing before
+     * returning to less privileged code; FreeBSD does it on its own return
+     * to user mode, which this entry bypasses). The TEST's flags do not
+     * matter: IRETQ loads the guest's RFLAGS. */
+    testq ${F_VERW}, {A_FLAGS}-{A_GUEST_RIP}(%rsp)
+    jz 1f
+    verw {A_VERW_SELECTOR}-{A_GUEST_RIP}(%rsp)
+1:
     iretq
 
 /*

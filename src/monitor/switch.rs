@@ -37,10 +37,13 @@ pub const DR6_STATUS: u64 = 0xf | 1 << 13 | 1 << 14 | 1 << 15;
 const DR6_INIT: u64 = 0xffff_0ff0;
 /// `SwitchArea::flags`: the switch uses RDFSBASE/WRFSBASE/RDGSBASE/
 /// WRGSBASE instead of the MSRs; it reads the code bytes of a #UD or #GP
-/// exit (`code_mask` is set); it needs STAC/CLAC to read them (CR4.SMAP).
+/// exit (`code_mask` is set); it needs STAC/CLAC to read them (CR4.SMAP);
+/// it clears the CPU's buffers with VERW right before the IRETQ into the
+/// guest (the CPU enumerates MD_CLEAR).
 const F_FSGSBASE: u64 = 1 << 0;
 const F_READ_CODE: u64 = 1 << 1;
 const F_STAC: u64 = 1 << 2;
+const F_VERW: u64 = 1 << 3;
 /// RFLAGS.AC (SDM Vol. 1 3.4.3).
 const RFLAGS_AC: u64 = 1 << 18;
 /// CR4.SMAP, CR4.PCIDE and CR4.PGE (SDM Vol. 3A 2.5).
@@ -49,6 +52,12 @@ const CR4_PCIDE: u64 = 1 << 17;
 const CR4_PGE: u64 = 1 << 7;
 /// CPUID.(EAX=7,ECX=0):EBX bit 10: INVPCID (SDM Vol. 2A CPUID).
 const CPUID7_EBX_INVPCID: u32 = 1 << 10;
+/// CPUID.(EAX=7,ECX=0):EDX bit 10: MD_CLEAR, VERW with a memory operand
+/// overwrites the store, fill and load-port buffers (Intel, "Deep Dive:
+/// Intel Analysis of Microarchitectural Data Sampling"). FreeBSD's return
+/// to user mode does the same (hw.mds_disable); the guest's entry bypasses
+/// it, so switch.S does it.
+const CPUID7_EDX_MD_CLEAR: u32 = 1 << 10;
 /// INVPCID type 1, single-context invalidation (SDM Vol. 2A INVPCID).
 const INVPCID_SINGLE_CONTEXT: u64 = 1;
 
@@ -101,6 +110,18 @@ const MONITOR_CS_INDEX: u16 = MONITOR_GDT_FIRST + 2;
 /// M's selector: RPL 0.
 pub const MONITOR_CS: u16 = MONITOR_CS_INDEX << 3;
 const _: () = assert!(MONITOR_CS_INDEX < MONITOR_GDT_FIRST + MONITOR_GDT_ENTRIES);
+/// GDT index of the monitor's writable data segment, which only VERW
+/// names: the buffer clear happens whatever the selector, but Intel
+/// advises a valid writable data segment for the lowest latency (same
+/// paper as [`CPUID7_EDX_MD_CLEAR`]). DPL 0 and above every guest index.
+const MONITOR_DS_INDEX: u16 = MONITOR_GDT_FIRST + 3;
+const MONITOR_DS: u16 = MONITOR_DS_INDEX << 3;
+// Clear of the TSS (two entries) and M, inside the monitor's part.
+const _: () = assert!(
+    MONITOR_DS_INDEX > TSS_INDEX + 1
+        && MONITOR_DS_INDEX != MONITOR_CS_INDEX
+        && MONITOR_DS_INDEX < MONITOR_GDT_FIRST + MONITOR_GDT_ENTRIES
+);
 /// Bytes of a 64-bit TSS (SDM Vol. 3A Figure 7-11); an I/O map base at
 /// the limit means "no I/O permission bitmap": every IN/OUT at CPL 3 with
 /// IOPL < 3 faults.
@@ -155,9 +176,11 @@ pub struct SwitchArea {
     /// descriptor, 0 for a null selector) and read back at the exit.
     pub fs_base: u64,
     pub gs_base: u64,
-    /// [`F_FSGSBASE`], [`F_READ_CODE`], [`F_STAC`]; set by
+    /// [`F_FSGSBASE`], [`F_READ_CODE`], [`F_STAC`], [`F_VERW`]; set by
     /// [`CpuSwitcher::run`].
     pub flags: u64,
+    /// The selector VERW reads (`MONITOR_DS`).
+    pub verw_selector: u64,
     /// CS base and the mask of the code size (`u32::MAX` or `u64::MAX`)
     /// giving the linear address of RIP; 0: the exit reads no code.
     pub code_base: u64,
@@ -262,6 +285,8 @@ struct CpuState {
     /// The host CPU the block was last set up for: the IDT's gates and
     /// the GDT's copy of the host CS come from that CPU's tables.
     cpu: usize,
+    /// The CPU enumerates MD_CLEAR: every run sets [`F_VERW`].
+    md_clear: bool,
 }
 
 /// One CPU's switcher pages. The GDT, IDT, area page and stacks are
@@ -345,6 +370,7 @@ core::arch::global_asm!(
     A_GUEST_FS_BASE = const offset_of!(SwitchArea, fs_base),
     A_GUEST_GS_BASE = const offset_of!(SwitchArea, gs_base),
     A_FLAGS = const offset_of!(SwitchArea, flags),
+    A_VERW_SELECTOR = const offset_of!(SwitchArea, verw_selector),
     A_HOST_DR7 = const offset_of!(SwitchArea, host_dr7),
     A_HOST_DR6 = const offset_of!(SwitchArea, host_dr6),
     A_EXIT_DR6 = const offset_of!(SwitchArea, exit_dr6),
@@ -369,6 +395,7 @@ core::arch::global_asm!(
     F_FSGSBASE = const F_FSGSBASE,
     F_READ_CODE = const F_READ_CODE,
     F_STAC = const F_STAC,
+    F_VERW = const F_VERW,
     RFLAGS_AC = const RFLAGS_AC,
     DR7_ENABLE_MASK = const DR7_ENABLE_MASK,
     DR6_STATUS = const DR6_STATUS,
@@ -440,6 +467,23 @@ pub fn monitor_code_descriptor() -> u64 {
     const LONG: u64 = 1 << 53;
     const GRANULARITY: u64 = 1 << 55;
     0xffff | 0xf << 48 | TYPE_CODE_READ_ACCESSED << 40 | S | PRESENT | LONG | GRANULARITY
+}
+
+/// The monitor's data descriptor for VERW: writable data, DPL 0, present,
+/// accessed (SDM Vol. 3A 3.4.5; VERW loads nothing, so it is never written).
+pub fn monitor_data_descriptor() -> u64 {
+    const TYPE_DATA_WRITE_ACCESSED: u64 = 0x3;
+    const S: u64 = 1 << 44;
+    const PRESENT: u64 = 1 << 47;
+    const DB: u64 = 1 << 54;
+    const GRANULARITY: u64 = 1 << 55;
+    0xffff | 0xf << 48 | TYPE_DATA_WRITE_ACCESSED << 40 | S | PRESENT | DB | GRANULARITY
+}
+
+/// Whether the CPU enumerates MD_CLEAR, from CPUID leaf 0's EAX and
+/// leaf 7's EDX (asked only when leaf 7 exists).
+fn md_clear(max_leaf: u32, leaf7_edx: impl FnOnce() -> u32) -> bool {
+    max_leaf >= 7 && leaf7_edx() & CPUID7_EDX_MD_CLEAR != 0
 }
 
 /// The monitor IDT: every vector to its stub in switch.S through M, NMI,
@@ -889,6 +933,7 @@ fn set_up(
 
     b.gdt.fill(0);
     b.gdt[usize::from(MONITOR_CS_INDEX)] = monitor_code_descriptor();
+    b.gdt[usize::from(MONITOR_DS_INDEX)] = monitor_data_descriptor();
     write_gates(&mut b.idt, core::ptr::addr_of!(kqemu_switch_vectors) as u64);
     b.area.state = CpuState {
         written: [(0, 0); 6],
@@ -899,6 +944,10 @@ fn set_up(
         pml4_entry: 0,
         stack_gs: 0,
         cpu,
+        md_clear: {
+            let max_leaf = core::arch::x86_64::__cpuid(0).eax;
+            md_clear(max_leaf, || core::arch::x86_64::__cpuid_count(7, 0).edx)
+        },
     };
     bind_to_cpu(b, cpu)?;
 
@@ -1107,6 +1156,10 @@ impl CpuSwitcher {
         if setup.cr4 & CR4_SMAP != 0 {
             a.flags |= F_STAC;
         }
+        if b.area.state.md_clear {
+            a.flags |= F_VERW;
+        }
+        a.verw_selector = u64::from(MONITOR_DS);
         a.exit_code_len = 0;
         a.reading_code = 0;
         // Read once here for the stacks; switch.S restores it from the area.
@@ -1278,6 +1331,22 @@ pub unsafe fn reraise(vector: u8) {
 mod tests {
     use super::*;
     use std::vec;
+
+    #[test]
+    fn md_clear_is_edx_bit_10_of_leaf_7_when_it_exists() {
+        assert!(md_clear(7, || 1 << 10));
+        assert!(md_clear(0xd, || u32::MAX));
+        assert!(!md_clear(7, || !(1 << 10)));
+        // Leaf 7 absent: never asked (its answer would be another leaf's).
+        assert!(!md_clear(6, || panic!("leaf 7 read")));
+    }
+
+    #[test]
+    fn verw_names_a_writable_data_segment_of_the_monitor() {
+        let d = monitor_data_descriptor();
+        // S set, type 0011 (data, read/write, accessed), DPL 0, present.
+        assert_eq!((d >> 40) & 0xff, 0x93);
+    }
 
     #[test]
     fn gate_layout_follows_the_sdm() {
