@@ -231,6 +231,18 @@ pub fn allocate<S: System>(r: &mut Report<'_, S>) -> Option<Buffers> {
     }
 }
 
+/// A state a client could pass to EXEC: protected mode, interrupts on,
+/// CPL 3, normal mode; everything else zero.
+fn minimal_state() -> KqemuCpuState {
+    KqemuCpuState {
+        cr0: CR0_PE,
+        eflags: EFLAGS_IF_FIXED,
+        cpl: 3,
+        user_only: 1,
+        ..KqemuCpuState::default()
+    }
+}
+
 fn device_checks<S: System>(r: &mut Report<'_, S>, fd: i32) {
     let mut version: i32 = 0;
     match ioctl_with(r.sys, fd, KQEMU_GET_VERSION, &mut version) {
@@ -243,13 +255,7 @@ fn device_checks<S: System>(r: &mut Report<'_, S>, fd: i32) {
             format_args!("{other:?}, version {version:#x}, want {KQEMU_VERSION:#08x}"),
         ),
     }
-    let mut state = KqemuCpuState {
-        cr0: CR0_PE,
-        eflags: EFLAGS_IF_FIXED,
-        cpl: 3,
-        user_only: 1,
-        ..KqemuCpuState::default()
-    };
+    let mut state = minimal_state();
     let got = ioctl_with(r.sys, fd, KQEMU_EXEC, &mut state);
     r.expect_errno("exec-before-init", got, EIO);
     let mut phys = KqemuPhysMem::default();
@@ -476,13 +482,7 @@ fn device_checks<S: System>(r: &mut Report<'_, S>, fd: i32) {
         r.expect_errno(name, got, ENOTTY);
     }
 
-    let mut state = KqemuCpuState {
-        cr0: CR0_PE,
-        eflags: EFLAGS_IF_FIXED,
-        cpl: 3,
-        user_only: 1,
-        ..KqemuCpuState::default()
-    };
+    let mut state = minimal_state();
     match ioctl_with(r.sys, fd, KQEMU_EXEC, &mut state) {
         Ok(0) => r.result(true, "exec", format_args!("0, retval {:#x}", state.retval)),
         other => r.result(

@@ -18,7 +18,9 @@ use crate::cpu::Features;
 use crate::fpu::FpuStates;
 use crate::initrd::Config;
 use crate::mem::{phys_to_virt, DMAP_BASE};
-use crate::native::{arch_of, start_program, NativeError, RunStats, STATUS_TIME_LIMIT};
+use crate::native::{
+    arch_of, guest_memory, start_program, NativeError, RunStats, STATUS_TIME_LIMIT,
+};
 use crate::timer::Clock;
 use crate::{log, x86};
 use alloc::rc::Rc;
@@ -36,7 +38,7 @@ use kqemu::device::OpenFile;
 use kqemu::error::{Error, Result as KResult};
 use kqemu::host::{HeldUserPage, Host};
 use kqemu_client::kqemu::{CpuFeatures, ExecCpu, Step, StepError};
-use kqemu_client::{Arch, GuestRam, LinuxConfig, MemFs, PagingFormat, Pid, Trap};
+use kqemu_client::{Arch, LinuxConfig, PagingFormat, Pid, Trap};
 
 /// Set by the timer interrupt the monitor hands back to this kernel.
 static TICK: AtomicBool = AtomicBool::new(false);
@@ -414,12 +416,8 @@ impl MonitorRun<'_> {
         channel: &Rc<RefCell<Channel>>,
     ) -> Result<Infallible, NativeError> {
         let (ram_phys, ram_size) = self.ram;
-        // SAFETY: the region was reserved for the guest alone and is mapped
-        // by the DMAP for the kernel's lifetime.
-        let bytes =
-            unsafe { core::slice::from_raw_parts_mut(phys_to_virt(ram_phys) as *mut u8, ram_size) };
-        let ram = GuestRam::new(bytes, 0).map_err(|_| NativeError::Ram)?;
-        let fs = MemFs::from_cpio(guest_archive).map_err(NativeError::Archive)?;
+        // Guest-physical addresses are offsets into guest RAM (phys_base 0).
+        let (ram, fs) = guest_memory(self.ram, 0, guest_archive)?;
         let arch = arch_of(self.config);
         // The guest OS: a 64-bit one for amd64 programs; for i386 ones a
         // 32-bit OS (2-level or PAE paging) or a 64-bit one running them in

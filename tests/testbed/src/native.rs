@@ -195,6 +195,25 @@ pub(crate) fn start_program<'a>(
     Ok((linux, init, failed))
 }
 
+/// The program's RAM, the contiguous region `ram` (physical base, size)
+/// with `phys_base` as the physical address its page tables give byte 0
+/// (the region's own base natively, 0 for the kqemu client), and its file
+/// system from the guest archive.
+pub fn guest_memory(
+    ram: (u64, usize),
+    phys_base: u64,
+    guest_archive: &[u8],
+) -> Result<(GuestRam<'static>, MemFs), NativeError> {
+    let (ram_phys, ram_size) = ram;
+    // SAFETY: the region was reserved from the frame allocator for the
+    // guest alone and is mapped by the DMAP for the kernel's lifetime.
+    let bytes =
+        unsafe { core::slice::from_raw_parts_mut(phys_to_virt(ram_phys) as *mut u8, ram_size) };
+    let ram = GuestRam::new(bytes, phys_base).map_err(|_| NativeError::Ram)?;
+    let fs = MemFs::from_cpio(guest_archive).map_err(NativeError::Archive)?;
+    Ok((ram, fs))
+}
+
 pub struct Native<'c> {
     pub config: &'c Config,
     pub features: Features,
@@ -219,13 +238,7 @@ impl Native<'_> {
         guest_archive: &[u8],
         channel: &Rc<RefCell<Channel>>,
     ) -> Result<Infallible, NativeError> {
-        let (ram_phys, ram_size) = self.ram;
-        // SAFETY: the region was reserved from the frame allocator for the
-        // guest alone and is mapped by the DMAP for the kernel's lifetime.
-        let bytes =
-            unsafe { core::slice::from_raw_parts_mut(phys_to_virt(ram_phys) as *mut u8, ram_size) };
-        let ram = GuestRam::new(bytes, ram_phys).map_err(|_| NativeError::Ram)?;
-        let fs = MemFs::from_cpio(guest_archive).map_err(NativeError::Archive)?;
+        let (ram, fs) = guest_memory(self.ram, self.ram.0, guest_archive)?;
         let mut linux_config = LinuxConfig::new(arch_of(self.config), PagingFormat::Long4);
         linux_config.kernel_pml4e = self.space.upper_entries.to_vec();
         let (mut linux, init, failed) = start_program(

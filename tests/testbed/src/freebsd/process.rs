@@ -504,6 +504,19 @@ impl<'r, 'c> Process<'r, 'c> {
         self.tmp_maybe_free(id);
     }
 
+    /// A /tmp file lets go of its page `frame`: back to RAM now, or, when
+    /// the module holds it, at its last unhold (kpi's orphans).
+    fn drop_file_frame(&mut self, frame: u64) {
+        self.tmp.frames.remove(&frame);
+        if kpi::with(|k| k.is_held(frame)) {
+            kpi::with(|k| k.books.orphans.push(frame));
+            self.tmp.orphans.push(frame);
+        } else {
+            self.ram.free_frame(frame);
+            self.tmp.pages_freed += 1;
+        }
+    }
+
     /// Frees file `id` when it has no name, descriptor or mapped page:
     /// its frames go back to RAM, those the module holds wait for their
     /// last unhold (kpi's orphans).
@@ -518,16 +531,8 @@ impl<'r, 'c> Process<'r, 'c> {
             return;
         };
         for &(frame, _) in &file.pages {
-            if frame == 0 {
-                continue;
-            }
-            self.tmp.frames.remove(&frame);
-            if kpi::with(|k| k.is_held(frame)) {
-                kpi::with(|k| k.books.orphans.push(frame));
-                self.tmp.orphans.push(frame);
-            } else {
-                self.ram.free_frame(frame);
-                self.tmp.pages_freed += 1;
+            if frame != 0 {
+                self.drop_file_frame(frame);
             }
         }
         kpi::with(|k| k.drop_object(file.object));
@@ -1033,14 +1038,7 @@ impl<'r, 'c> Process<'r, 'c> {
         file.pages.resize(pages, (0, 0));
         file.size = size;
         for frame in cut {
-            self.tmp.frames.remove(&frame);
-            if kpi::with(|k| k.is_held(frame)) {
-                kpi::with(|k| k.books.orphans.push(frame));
-                self.tmp.orphans.push(frame);
-            } else {
-                self.ram.free_frame(frame);
-                self.tmp.pages_freed += 1;
-            }
+            self.drop_file_frame(frame);
         }
         Ok(())
     }
