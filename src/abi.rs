@@ -8,7 +8,7 @@
 //! The compile-time assertions at the end of this file and the unit tests
 //! fail if a field moves.
 
-use core::mem::size_of;
+use core::mem::{align_of, size_of};
 
 /// The only ABI version the client accepts (`KQEMU_VERSION`): any other
 /// value disables acceleration in the client.
@@ -265,6 +265,19 @@ pub unsafe trait Pod: Copy + Default {
         Some(unsafe { bytes.as_ptr().cast::<Self>().read_unaligned() })
     }
 
+    /// The value in place in exactly `size_of::<Self>()` bytes that are
+    /// aligned for it; `None` on any other length or a misaligned start.
+    fn from_bytes_mut(bytes: &mut [u8]) -> Option<&mut Self> {
+        if bytes.len() != size_of::<Self>() || bytes.as_ptr().align_offset(align_of::<Self>()) != 0
+        {
+            return None;
+        }
+        // SAFETY: the length and alignment were checked; the trait contract
+        // says every bit pattern is a valid `Self`; the result borrows
+        // `bytes` uniquely for as long as `bytes` was borrowed.
+        Some(unsafe { &mut *bytes.as_mut_ptr().cast::<Self>() })
+    }
+
     /// Writes the value into exactly `size_of::<Self>()` bytes; `None` on
     /// any other length.
     fn write_to(&self, bytes: &mut [u8]) -> Option<()> {
@@ -470,6 +483,23 @@ mod tests {
         assert!(KqemuPhysMem::read_from(&bytes[..31]).is_none());
         assert!(m.write_to(&mut out[..31]).is_none());
         assert!(i32::read_from(&[0; 8]).is_none());
+    }
+
+    #[test]
+    fn in_place_view_needs_exact_length_and_alignment() {
+        // A u64 array gives 8-byte alignment; one byte in, it is lost.
+        let mut words = [0u64; 5];
+        // SAFETY: a u64 array is 40 initialized bytes, borrowed uniquely
+        // for the slice's life.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), 40) };
+        bytes[8..16].copy_from_slice(&0x2000u64.to_le_bytes());
+        let m = KqemuPhysMem::from_bytes_mut(&mut bytes[..32]).expect("aligned, 32 bytes");
+        assert_eq!(m.size, 0x2000);
+        m.ram_addr = 0x3000;
+        assert_eq!(&bytes[16..24], &0x3000u64.to_le_bytes());
+        assert!(KqemuPhysMem::from_bytes_mut(&mut bytes[1..33]).is_none());
+        assert!(KqemuPhysMem::from_bytes_mut(&mut bytes[..31]).is_none());
+        assert!(KqemuPhysMem::from_bytes_mut(&mut bytes[..40]).is_none());
     }
 
     #[test]

@@ -57,6 +57,13 @@ struct Command<H: Host> {
 /// Decodes the argument as a `T`, runs `f` on it, and encodes it back (the
 /// kernel copies it out only for commands that carry IOC_OUT).
 fn with_arg<T: Pod>(data: &mut [u8], f: impl FnOnce(&mut T) -> Result<()>) -> Result<()> {
+    // In place when the buffer is aligned (FreeBSD's ioctl buffers are):
+    // the EXEC state is 584 bytes, and each copy is paid on every exit. A
+    // failed call may leave the buffer changed; the kernel copies it out
+    // only on success.
+    if let Some(arg) = T::from_bytes_mut(data) {
+        return f(arg);
+    }
     let mut arg = T::read_from(data).ok_or(Error::InvalidArgument)?;
     f(&mut arg)?;
     arg.write_to(data).ok_or(Error::InvalidArgument)
@@ -342,6 +349,38 @@ mod tests {
         call(&file, KQEMU_EXEC, &mut state).expect("EXEC succeeds");
         assert_eq!(state.retval, KQEMU_RET_ABORT);
         assert_eq!(state.eip, 0x8000);
+    }
+
+    #[test]
+    fn exec_answers_the_same_in_place_and_through_a_copy() {
+        let file = initialized(&host());
+        let state = KqemuCpuState {
+            eip: 0x8000,
+            retval: 0x201,
+            ..Default::default()
+        };
+        // Aligned: the handler works in the buffer itself; one byte off,
+        // on a copy that is written back.
+        let mut words = [0u64; 74];
+        // SAFETY: 74 u64 are 592 initialized bytes, borrowed uniquely for
+        // the slice's life.
+        let buffer =
+            unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), 592) };
+        let mut answers = Vec::new();
+        for start in [0, 1] {
+            let arg = &mut buffer[start..start + 584];
+            state.write_to(arg).expect("584 bytes");
+            assert_eq!(
+                KqemuCpuState::from_bytes_mut(arg).is_some(),
+                start == 0,
+                "alignment at {start}"
+            );
+            file.ioctl(u64::from(KQEMU_EXEC), arg).expect("EXEC");
+            answers.push(arg.to_vec());
+        }
+        assert_eq!(answers[0], answers[1]);
+        let out = KqemuCpuState::read_from(&answers[0]).expect("584 bytes");
+        assert_eq!((out.retval, out.eip), (KQEMU_RET_ABORT, 0x8000));
     }
 
     #[test]

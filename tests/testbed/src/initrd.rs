@@ -65,6 +65,10 @@ pub struct Config {
     /// Switch to the next runnable process every this many system calls
     /// (`switch_every=` record, from the runner's --switch-every; 0: off).
     pub switch_every: u32,
+    /// Native mode: after every trap, load the kernel's own CR3 before the
+    /// client core runs, so each round trip writes CR3 twice as a monitor
+    /// exit does (`cr3_exits=1` record, from the runner's --cr3-exits).
+    pub cr3_exits: bool,
 }
 
 /// The guest may run this long when the runner does not say.
@@ -131,6 +135,7 @@ impl Config {
             epoch_ns: 0,
             guest_paging: None,
             switch_every: 0,
+            cr3_exits: false,
         };
         for record in bytes.split(|&b| b == 0).filter(|r| !r.is_empty()) {
             let record =
@@ -179,6 +184,13 @@ impl Config {
                     config.switch_every = value
                         .parse()
                         .map_err(|_| InitrdError::BadConfig("bad switch_every"))?
+                }
+                "cr3_exits" => {
+                    config.cr3_exits = match value {
+                        "1" => true,
+                        "0" => false,
+                        _ => return Err(InitrdError::BadConfig("bad cr3_exits")),
+                    }
                 }
                 _ => return Err(InitrdError::BadConfig("unknown key")),
             }

@@ -282,6 +282,9 @@ impl Native<'_> {
                 runnable.ctx,
                 self.clock,
             );
+            if self.config.cr3_exits {
+                cpu.leave_address_space();
+            }
             let trapped_at = x86::rdtsc();
             runs.end(switched, trapped_at - entered);
             traps += 1;

@@ -43,6 +43,8 @@ pub struct UserCpu {
     fpu: FpuStates<u32>,
     features: Features,
     cr3: u64,
+    /// The kernel's own root, the CR3 when the CPU was made.
+    kernel_cr3: u64,
     /// Interrupts other than the timer seen while ring 3 ran.
     pub stray_interrupts: u64,
 }
@@ -53,7 +55,22 @@ impl UserCpu {
             fpu: FpuStates::new(features.xsave, features.fpu_area_size),
             features,
             cr3: x86::read_cr3(),
+            kernel_cr3: x86::read_cr3(),
             stray_interrupts: 0,
+        }
+    }
+
+    /// Loads the kernel's own address space (the CR3 this CPU had when it
+    /// was made): the next `run` writes the process's CR3 again. With
+    /// --cr3-exits every round trip thus writes CR3 twice, as each exit of
+    /// the monitor does, and the benchmark shows what that costs alone.
+    pub fn leave_address_space(&mut self) {
+        if self.cr3 != self.kernel_cr3 {
+            // SAFETY: the kernel's own root maps the kernel (its upper half is
+            // the one every process root copies) and nothing of ring 3 runs
+            // until `run` loads a process root again.
+            unsafe { x86::write_cr3(self.kernel_cr3) };
+            self.cr3 = self.kernel_cr3;
         }
     }
 
