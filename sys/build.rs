@@ -36,6 +36,8 @@ const FUNCTIONS: &[&str] = &[
     "vm_map_check_protection",
     "vm_object_deallocate",
     "vm_page_unhold_pages",
+    "vmspace_acquire_ref",
+    "vmspace_free",
     "kqemu_.*",
 ];
 const VARS: &[&str] = &[

@@ -207,7 +207,8 @@ pub fn state_of(
         s.segs[seg::FS] = cache(0, 0, ctx.fs_base);
         s.segs[seg::GS] = cache(0, 0, ctx.gs_base);
     }
-    s.gdt.limit = 0x7f;
+    // The base is the GDT page's, which the caller fills (`load_gdt`).
+    s.gdt.limit = u32::from(GUEST_GDT_LIMIT);
     s
 }
 
@@ -239,9 +240,9 @@ fn flat_descriptor(flags: u32) -> u64 {
     (u64::from(flags) << 32) | 0xffff
 }
 
-/// Entry `index` of the guest OS's GDT (0: empty): the code and data
-/// segments `state_of` gives the process and, for i386 processes, their
-/// TLS entries. These are the only descriptors the monitor has.
+/// Entry `index` of the guest OS's GDT while the process of `ctx` runs (0:
+/// empty): the code and data segments `state_of` gives the process and, for
+/// i386 processes, their TLS entries.
 fn guest_descriptor(ctx: &UserContext, compat: Option<User32>, index: u16) -> u64 {
     match (compat, index) {
         (Some(user), i) if i == user.cs >> 3 => flat_descriptor(FLAGS_CODE32),
@@ -253,6 +254,51 @@ fn guest_descriptor(ctx: &UserContext, compat: Option<User32>, index: u16) -> u6
         (None, i) if i == GUEST_DS >> 3 => flat_descriptor(FLAGS_DATA),
         _ => 0,
     }
+}
+
+/// Entries of the guest OS's GDT (up to [`GUEST_GDT_LIMIT`]).
+const GDT_ENTRIES: usize = (GUEST_GDT_LIMIT as usize + 1) / 8;
+/// The guest OS's GDT.
+type GdtTable = [u64; GDT_ENTRIES];
+
+/// The guest OS's GDT while the process of `ctx` runs.
+fn gdt_table(ctx: &UserContext, compat: Option<User32>) -> GdtTable {
+    core::array::from_fn(|i| guest_descriptor(ctx, compat, i as u16))
+}
+
+/// GDT base for EXEC when the OS has no GDT page (`Linux::gdt`): not
+/// 4-byte aligned, so the monitor reads no descriptor there and hands
+/// every load of a selector within the limit to this client's emulator,
+/// which then uses the table `gdt_table` computes (what both did before
+/// the GDT lived in guest RAM).
+const NO_GDT_PAGE_BASE: u64 = 1;
+
+/// Writes `table` into the GDT page in guest RAM where it differs (the
+/// guest OS's context switch, as Linux's `load_TLS`): the page then holds
+/// the running process's descriptors when the monitor or this client's
+/// emulator reads them. Returns the GDT's linear base.
+fn load_gdt(linux: &mut Linux<'_>, table: &GdtTable) -> u64 {
+    let Some(gdt) = linux.gdt else {
+        return NO_GDT_PAGE_BASE;
+    };
+    for (i, &raw) in table.iter().enumerate() {
+        let at = gdt.frame + i as u64 * 8;
+        if linux.ram.read_entry(at, 8) != Some(raw) {
+            linux.ram.write_entry(at, 8, raw);
+        }
+    }
+    gdt.linear
+}
+
+/// The guest OS's GDT as the page in guest RAM holds it (`None` without a
+/// page).
+fn read_gdt(linux: &Linux<'_>) -> Option<GdtTable> {
+    let gdt = linux.gdt?;
+    let mut table = [0; GDT_ENTRIES];
+    for (i, raw) in table.iter_mut().enumerate() {
+        *raw = linux.ram.read_entry(gdt.frame + i as u64 * 8, 8)?;
+    }
+    Some(table)
 }
 
 /// What the client's emulation of one instruction came to.
@@ -273,11 +319,12 @@ fn fault(vector: u8, error_code: u16) -> Emulated {
 
 /// Emulates `mov Sreg, r16/r32` (8E /r, register form) and `pop Sreg`
 /// (1F, 07, 17 outside 64-bit mode; 0F A1, 0F A9) at CPL 3 against the
-/// guest OS's GDT, with the checks of SDM Vol. 2B MOV ("Loading a segment
-/// register in protected mode") and POP: the monitor has the process's
-/// entry descriptors only, so a load it cannot do (a TLS selector, a bad
-/// selector) comes back as SOFTMMU. A load that succeeds is carried out
-/// only where the process's state has a place for it (the data registers
+/// guest OS's GDT (`gdt`, as the page in guest RAM holds it), with the
+/// checks of SDM Vol. 2B MOV ("Loading a segment register in protected
+/// mode") and POP: the monitor loads the GDT selectors it can mirror
+/// itself and hands the others back as SOFTMMU (an LDT selector, a
+/// descriptor it cannot mirror, an entry register's index, a full
+/// shadow). A load that succeeds is carried out only where the process's state has a place for it (the data registers
 /// of i386 processes); `None`: this client cannot emulate the instruction.
 /// `user32` names the selectors of an i386 process (None: amd64);
 /// `stack_top` is the word at the stack pointer, for `pop`.
@@ -285,6 +332,7 @@ fn emulate_segment_load(
     code: &[u8],
     ctx: &mut UserContext,
     user32: Option<User32>,
+    gdt: &GdtTable,
     stack_top: Option<u16>,
 ) -> Option<Emulated> {
     let compat = user32.is_some();
@@ -332,7 +380,7 @@ fn emulate_segment_load(
         if selector & 4 != 0 || (selector & !7) + 7 > GUEST_GDT_LIMIT {
             return Some(fault(VECTOR_GP, error));
         }
-        let desc = guest_descriptor(ctx, user32, selector >> 3);
+        let desc = gdt[usize::from(selector >> 3)];
         let dpl = ((desc >> DESC_DPL_SHIFT) & 3) as u16;
         let code_seg = desc & DESC_CODE != 0;
         if sreg == SREG_SS {
@@ -495,25 +543,45 @@ pub fn step<C: ExecCpu>(
     paging: PagingFormat,
     features: &CpuFeatures,
 ) -> Result<Step, StepError<C::Error>> {
+    let gdt_holds = linux.gdt_pid;
     let Some(runnable) = linux.next() else {
         return Ok(Step::Idle);
     };
     let pid = runnable.pid;
-    if runnable.flush_tlb {
+    let flush_tlb = runnable.flush_tlb;
+    if flush_tlb {
         cpu.all_pages_dirty();
     }
     let compat = runnable.arch == Arch::I386;
     let user32 = compat.then(|| User32::of(paging));
     let mut state = state_of(runnable.ctx, runnable.arch, paging, runnable.cr3, features);
+    // The page changes on a switch to another process and after
+    // set_thread_area, as Linux's load_TLS runs: not on every EXEC.
+    let reload = gdt_holds != Some(pid) || runnable.ctx.tls_changed;
+    let table = reload.then(|| gdt_table(runnable.ctx, user32));
     if let Some(trap) = stale_stack(runnable.ctx, &state, compat) {
         linux.trap(pid, trap);
         return Ok(Step::Ran { pid, trap });
     }
-    if runnable.flush_tlb {
+    state.gdt.base = match table {
+        Some(table) => {
+            let base = load_gdt(linux, &table);
+            if let Some(ctx) = linux.context(pid) {
+                ctx.tls_changed = false;
+            }
+            linux.gdt_pid = Some(pid);
+            base
+        }
+        None => linux.gdt.map_or(NO_GDT_PAGE_BASE, |gdt| gdt.linear),
+    };
+    if flush_tlb {
         state.nb_pages_to_flush = KQEMU_FLUSH_ALL;
     }
     cpu.exec(pid, &mut state).map_err(StepError::Exec)?;
-    let ctx = runnable.ctx;
+    // The process `next` returned: it is still there.
+    let Some(ctx) = linux.context(pid) else {
+        return Ok(Step::Idle);
+    };
     ctx.regs = state.regs;
     ctx.rip = state.eip;
     ctx.rflags = state.eflags;
@@ -625,13 +693,15 @@ fn softmmu<E>(
     let null_far = selector_addr.is_some_and(|addr| {
         linux.read_user(pid, addr, &mut selector).is_ok() && selector == [0, 0]
     });
+    let gdt = read_gdt(linux);
     let emulated = if !readable {
         None
     } else if null_far {
         Some(fault(VECTOR_GP, 0))
     } else {
         linux.context(pid).and_then(|c| {
-            emulate_segment_load(&code, c, user32, stack_top)
+            let gdt = gdt.unwrap_or_else(|| gdt_table(c, user32));
+            emulate_segment_load(&code, c, user32, &gdt, stack_top)
                 .or_else(|| (!compat).then(|| noncanonical_access(&code, c))?)
         })
     };
@@ -662,6 +732,81 @@ fn softmmu<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The emulator against the GDT the process's descriptors make.
+    fn emulate(
+        code: &[u8],
+        ctx: &mut UserContext,
+        user32: Option<User32>,
+        stack_top: Option<u16>,
+    ) -> Option<Emulated> {
+        let gdt = gdt_table(ctx, user32);
+        emulate_segment_load(code, ctx, user32, &gdt, stack_top)
+    }
+
+    struct NoConsole;
+
+    impl crate::Console for NoConsole {
+        fn write(&mut self, _fd: i32, _bytes: &[u8]) {}
+        fn now_ns(&mut self) -> u64 {
+            0
+        }
+        fn random(&mut self, _buf: &mut [u8]) {}
+    }
+
+    #[test]
+    fn the_gdt_page_holds_the_running_process_descriptors() {
+        for (paging, linear) in [
+            (PagingFormat::Legacy32, 0xffc0_0000),
+            (PagingFormat::Pae, 0xffe0_0000),
+            (PagingFormat::Long4, 0xffff_ff00_0000_0000),
+        ] {
+            let mut bytes = alloc::vec![0u8; 64 * 4096];
+            let ram = crate::GuestRam::new(&mut bytes, 0).expect("ram");
+            let cfg = crate::LinuxConfig::new(Arch::I386, paging);
+            let mut linux = Linux::new(
+                ram,
+                crate::MemFs::new(),
+                cfg,
+                alloc::boxed::Box::new(NoConsole),
+            );
+            let gdt = linux.gdt().expect("a GDT page");
+            assert_eq!(gdt.linear, linear, "{paging:?}");
+            // Every address space maps it: its root entry is among those
+            // copied into each root.
+            assert_eq!(linux.cfg.kernel_pml4e.len(), 1);
+            let user = User32::of(paging);
+            let mut ctx = UserContext::default();
+            ctx.tls[1] = crate::UserDesc {
+                entry_number: 7,
+                base_addr: 0x1234_5000,
+                limit: 0xfff,
+                flags: 0x41,
+            };
+            let table = gdt_table(&ctx, Some(user));
+            assert_eq!(load_gdt(&mut linux, &table), linear);
+            let read = read_gdt(&linux).expect("the page");
+            assert_eq!(read, table);
+            assert_eq!(read[7], ctx.tls[1].descriptor());
+            assert_eq!(
+                read[usize::from(user.cs >> 3)],
+                flat_descriptor(FLAGS_CODE32)
+            );
+            // set_thread_area clears the entry: the next load_gdt writes it.
+            ctx.tls[1] = crate::UserDesc::default();
+            load_gdt(&mut linux, &gdt_table(&ctx, Some(user)));
+            assert_eq!(read_gdt(&linux).expect("the page")[7], 0);
+            // The emulator reads what the page holds.
+            let mut page = read_gdt(&linux).expect("the page");
+            page[7] = flat_descriptor(FLAGS_DATA);
+            ctx.regs[0] = 0x3b;
+            assert!(matches!(
+                emulate_segment_load(&[0x8e, 0xe8], &mut ctx, Some(user), &page, None),
+                Some(Emulated::Done(2))
+            ));
+            assert_eq!(ctx.gs_sel, 0x3b);
+        }
+    }
 
     const LEGACY: Option<User32> = Some(User32 {
         cs: GUEST_CS32,
@@ -738,13 +883,13 @@ mod tests {
         // default again, 0x7b (nothing there) is #GP(0x78).
         ctx.regs[0] = 0x2b;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xd8], &mut ctx, Some(long), None),
+            emulate(&[0x8e, 0xd8], &mut ctx, Some(long), None),
             Some(Emulated::Done(2))
         ));
         assert_eq!(ctx.ds_sel, None);
         ctx.regs[0] = 0x7b;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xd8], &mut ctx, Some(long), None),
+            emulate(&[0x8e, 0xd8], &mut ctx, Some(long), None),
             Some(Emulated::Fault(Trap::Exception {
                 vector: VECTOR_GP,
                 error_code: 0x78,
@@ -764,14 +909,14 @@ mod tests {
         // mov fs, ax with AX = the i386 user data selector: loads.
         ctx.regs[0] = u64::from(GUEST_DS32);
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xe0], &mut ctx, LEGACY, None),
+            emulate(&[0x8e, 0xe0], &mut ctx, LEGACY, None),
             Some(Emulated::Done(2))
         ));
         assert_eq!(ctx.fs_sel, GUEST_DS32);
         // mov ss, ax with the null selector: #GP(0).
         ctx.regs[0] = 0;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xd0], &mut ctx, LEGACY, None),
+            emulate(&[0x8e, 0xd0], &mut ctx, LEGACY, None),
             Some(Emulated::Fault(Trap::Exception {
                 vector: VECTOR_GP,
                 error_code: 0,
@@ -780,7 +925,7 @@ mod tests {
         ));
         // mov cs, ax: #UD.
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xc8], &mut ctx, LEGACY, None),
+            emulate(&[0x8e, 0xc8], &mut ctx, LEGACY, None),
             Some(Emulated::Fault(Trap::Exception {
                 vector: VECTOR_UD,
                 ..
@@ -800,20 +945,20 @@ mod tests {
         };
         ctx.regs[0] = 0x33;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xd0], &mut ctx, LEGACY, None),
+            emulate(&[0x8e, 0xd0], &mut ctx, LEGACY, None),
             Some(Emulated::Done(2))
         ));
         // pop ds of the user data selector: the default again; mov es of
         // null: kept as null.
         ctx.regs[4] = 0x8000;
         assert!(matches!(
-            emulate_segment_load(&[0x1f], &mut ctx, LEGACY, Some(GUEST_DS32)),
+            emulate(&[0x1f], &mut ctx, LEGACY, Some(GUEST_DS32)),
             Some(Emulated::Done(1))
         ));
         assert_eq!(ctx.regs[4], 0x8004);
         ctx.regs[0] = 0;
         assert!(matches!(
-            emulate_segment_load(&[0x8e, 0xc0], &mut ctx, LEGACY, None),
+            emulate(&[0x8e, 0xc0], &mut ctx, LEGACY, None),
             Some(Emulated::Done(2))
         ));
         assert_eq!(

@@ -52,7 +52,9 @@ pub struct LinuxConfig {
     pub arch: Arch,
     pub paging: PagingFormat,
     /// PML4 entries copied into every Long4 root (the runner's upper half: its kernel, DMAP).
-    /// Indices must be above the user range (256.. for amd64, 1.. for i386).
+    /// Indices must be above the user range (256.. for amd64, 1.. for i386). `Linux::new`
+    /// adds the root entry of its GDT page ([`GuestGdt`]), a PDE or PDPTE under 32-bit or
+    /// PAE paging.
     pub kernel_pml4e: Vec<(usize, u64)>,
     /// Set NX on non-executable user pages (PAE/Long4 only; the runner must enable EFER.NXE).
     pub nx: bool,
@@ -79,6 +81,53 @@ impl LinuxConfig {
             tls_entry_base: TLS_FIRST_ENTRY,
             switch_every: 0,
         }
+    }
+}
+
+/// The guest OS's GDT: one page of guest RAM, mapped supervisor-only at the same linear
+/// address in every address space (a kernel's per-CPU GDT), holding the descriptors of the
+/// running process (`kqemu::load_gdt`, Linux's `load_TLS` on a context switch). What the
+/// monitor reads when guest code loads a selector, and what this client's emulator reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestGdt {
+    /// Guest-physical address of the page.
+    pub frame: u64,
+    /// Its linear address: the GDTR base.
+    pub linear: u64,
+}
+
+/// Where the GDT page is mapped: the top 4 MiB (32-bit paging) or 2 MiB (PAE) of a 32-bit
+/// OS's kernel space; under 4-level paging, a free PML4 slot of the upper half below 511
+/// (the slot of the module's switcher on FreeBSD and in the testbed).
+const GDT_LINEAR_LEGACY32: u64 = 0xffc0_0000;
+const GDT_LINEAR_PAE: u64 = 0xffe0_0000;
+const LONG4_KERNEL_SLOTS: core::ops::RangeInclusive<usize> = 256..=510;
+const LONG4_SIGN_EXTEND: u64 = 0xffff_0000_0000_0000;
+const PML4_SHIFT: u32 = 39;
+
+impl GuestGdt {
+    /// Allocates the page and its supervisor tables and adds their root entry to
+    /// `cfg.kernel_pml4e`, so every address space built from `cfg` maps it. `None`: no
+    /// guest RAM or no free PML4 slot (the runner's upper half takes them all).
+    fn build(ram: &mut GuestRam, cfg: &mut LinuxConfig) -> Option<Self> {
+        let linear = match cfg.paging {
+            PagingFormat::Legacy32 => GDT_LINEAR_LEGACY32,
+            PagingFormat::Pae => GDT_LINEAR_PAE,
+            PagingFormat::Long4 => {
+                let slot = LONG4_KERNEL_SLOTS
+                    .rev()
+                    .find(|s| cfg.kernel_pml4e.iter().all(|&(i, _)| i != *s))?;
+                LONG4_SIGN_EXTEND | (slot as u64) << PML4_SHIFT
+            }
+        };
+        // Below 4 GiB: a 32-bit paging entry holds a 32-bit frame address.
+        let frame = ram.alloc_frame_below(1 << 32).ok()?;
+        let Ok(root) = crate::paging::kernel_page(ram, cfg.paging, linear, frame) else {
+            ram.free_frame(frame);
+            return None;
+        };
+        cfg.kernel_pml4e.push(root);
+        Some(Self { frame, linear })
     }
 }
 
@@ -122,6 +171,10 @@ pub struct Linux<'a> {
     init_status: Option<i32>,
     deadlocked: bool,
     pub(crate) boot_ns: u64,
+    pub(crate) gdt: Option<GuestGdt>,
+    /// The process whose descriptors the GDT page holds (`kqemu::step` rewrites it only
+    /// for another process or after its `tls_changed`).
+    pub(crate) gdt_pid: Option<Pid>,
 }
 
 /// Linux wait status of a normal exit.
@@ -147,11 +200,12 @@ fn exception_signal(vector: u8) -> u32 {
 
 impl<'a> Linux<'a> {
     pub fn new(
-        ram: GuestRam<'a>,
+        mut ram: GuestRam<'a>,
         fs: MemFs,
-        cfg: LinuxConfig,
+        mut cfg: LinuxConfig,
         console: Box<dyn Console + 'a>,
     ) -> Self {
+        let gdt = GuestGdt::build(&mut ram, &mut cfg);
         let mut linux = Linux {
             ram,
             cfg,
@@ -168,9 +222,21 @@ impl<'a> Linux<'a> {
             init_status: None,
             deadlocked: false,
             boot_ns: 0,
+            gdt,
+            gdt_pid: None,
         };
         linux.boot_ns = linux.console.now_ns();
+        if linux.gdt.is_none() {
+            linux.log(format_args!(
+                "no guest RAM or PML4 slot for the GDT page: segment loads go to the emulator"
+            ));
+        }
         linux
+    }
+
+    /// The GDT page (`None` when guest RAM had no room for it).
+    pub fn gdt(&self) -> Option<GuestGdt> {
+        self.gdt
     }
 
     /// Writes one log line to the console's log channel.

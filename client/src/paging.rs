@@ -66,6 +66,38 @@ fn layout(format: PagingFormat) -> &'static Layout {
     }
 }
 
+/// Builds supervisor-only tables that map the one page at `linear` to `frame`, read-write,
+/// for every address space of `format`: returns the root entry (index, value) to copy into
+/// each root ([`PageTables::new`]'s `kernel_entries`), so all roots share the tables below
+/// it and never free them. Accessed and Dirty are preset throughout, so the CPU never
+/// writes these entries. The tables stay allocated for the OS's lifetime.
+pub fn kernel_page(
+    ram: &mut GuestRam,
+    format: PagingFormat,
+    linear: u64,
+    frame: u64,
+) -> KResult<(usize, u64)> {
+    let lay = layout(format);
+    let levels = lay.shifts.len();
+    let index = |level: usize| (linear >> lay.shifts[level]) & ((1 << lay.bits[level]) - 1);
+    let mut entry = frame | PTE_P | PTE_RW | PTE_A | PTE_D;
+    for level in (1..levels).rev() {
+        let table = ram.alloc_frame_below(FOUR_GIB)?;
+        ram.write_entry(
+            table + index(level) * lay.entry_size as u64,
+            lay.entry_size,
+            entry,
+        )
+        .ok_or(Errno::EFAULT)?;
+        entry = table | PTE_P | PTE_RW | PTE_A;
+    }
+    // PAE PDPTEs have only P (see `intermediate_flags`).
+    if format == PagingFormat::Pae {
+        entry &= !(PTE_RW | PTE_A);
+    }
+    Ok((index(0) as usize, entry))
+}
+
 /// A present leaf found by [`PageTables::next_leaf`].
 #[derive(Clone, Copy, Debug)]
 pub struct Leaf {
@@ -84,8 +116,9 @@ pub struct PageTables {
 }
 
 impl PageTables {
-    /// Allocates an empty root. `kernel_entries` (Long4 only) are root entries copied in
-    /// verbatim (the runner's upper half); they must lie above `user_top`.
+    /// Allocates an empty root. `kernel_entries` are root entries copied in verbatim (the
+    /// runner's upper half, the OS's own pages from [`kernel_page`]); they must lie above
+    /// `user_top`.
     pub fn new(
         ram: &mut GuestRam,
         format: PagingFormat,
@@ -103,14 +136,18 @@ impl PageTables {
         }
         let first_kernel = ((user_top - 1) >> lay.shifts[0]) + 1;
         for &(index, _) in kernel_entries {
-            if format != PagingFormat::Long4 || (index as u64) < first_kernel || index >= 512 {
+            if (index as u64) < first_kernel || index >= 1 << lay.bits[0] {
                 return Err(Errno::EINVAL);
             }
         }
         let root = ram.alloc_frame_below(FOUR_GIB)?;
         for &(index, entry) in kernel_entries {
-            ram.write_entry(root + index as u64 * 8, 8, entry)
-                .ok_or(Errno::EFAULT)?;
+            ram.write_entry(
+                root + (index * lay.entry_size) as u64,
+                lay.entry_size,
+                entry,
+            )
+            .ok_or(Errno::EFAULT)?;
         }
         Ok(PageTables {
             format,
@@ -531,5 +568,47 @@ mod tests {
         }
         let result = PageTables::new(&mut ram, PagingFormat::Pae, true, 0xc000_0000, &kernel);
         assert_eq!(result.err(), Some(Errno::EINVAL));
+    }
+
+    #[test]
+    fn a_kernel_page_is_supervisor_only_and_shared_by_every_root() {
+        for (format, linear, top) in [
+            (PagingFormat::Legacy32, 0xffc0_0000u64, 0xc000_0000u64),
+            (PagingFormat::Pae, 0xffe0_0000, 0xc000_0000),
+            (PagingFormat::Long4, 0xffff_ff00_0000_0000, 0x7fff_ffff_f000),
+        ] {
+            let mut bytes = vec![0u8; 16 * 4096];
+            let mut ram = GuestRam::new(&mut bytes, 0x1000_0000).unwrap();
+            let frame = ram.alloc_frame().unwrap();
+            let root_entry = kernel_page(&mut ram, format, linear, frame).unwrap();
+            let lay = layout(format);
+            let free = ram.free_frames();
+            for _ in 0..2 {
+                let pt = PageTables::new(&mut ram, format, true, top, &[root_entry]).unwrap();
+                // The CPU's walk: every level present, U/S clear at the leaf's levels
+                // (a CPL-3 access faults), R/W set.
+                let mut table = pt.cr3();
+                for (level, &shift) in lay.shifts.iter().enumerate() {
+                    let index = (linear >> shift) & ((1 << lay.bits[level]) - 1);
+                    let entry = ram
+                        .read_entry(table + index * lay.entry_size as u64, lay.entry_size)
+                        .unwrap();
+                    assert_ne!(entry & PTE_P, 0, "{format:?} level {level}");
+                    assert_eq!(entry & PTE_US, 0, "{format:?} level {level}");
+                    if format != PagingFormat::Pae || level != 0 {
+                        assert_ne!(entry & PTE_RW, 0);
+                    }
+                    table = entry & lay.addr_mask;
+                }
+                assert_eq!(table, frame);
+                assert_eq!(pt.translate(&ram, linear, false), Err(Errno::EFAULT));
+                pt.destroy(&mut ram);
+                assert_eq!(
+                    ram.free_frames(),
+                    free,
+                    "{format:?}: the shared tables stay"
+                );
+            }
+        }
     }
 }

@@ -859,7 +859,15 @@ fn stack_grows_on_demand() {
 
 #[test]
 fn run_end_releases_every_frame() {
-    for mut m in machines() {
+    // The paging format of each of `machines()`: the OS's own GDT page takes
+    // one table per paging level besides the page.
+    let formats = [
+        PagingFormat::Long4,
+        PagingFormat::Legacy32,
+        PagingFormat::Pae,
+        PagingFormat::Long4,
+    ];
+    for (mut m, paging) in machines().into_iter().zip(formats) {
         let n = nr(m.arch);
         let buf = scratch(m.arch);
         assert_eq!(m.sys(1, n.pipe, &[buf]), Some(0));
@@ -872,7 +880,7 @@ fn run_end_releases_every_frame() {
         assert!(!m.linux.deadlocked());
         assert_eq!(m.linux.pids(), Vec::<u32>::new());
         assert_eq!(m.linux.open_files(), (0, 0));
-        let mut fresh = Machine::tiny(m.arch, PagingFormat::Long4);
+        let mut fresh = Machine::tiny(m.arch, paging);
         assert_eq!(fresh.sys(1, n.exit, &[0]), None);
         assert_eq!(
             m.linux.free_frames(),

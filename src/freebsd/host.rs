@@ -224,7 +224,9 @@ impl Host for FreeBsdHost {
 
     fn user_space(&self) -> u64 {
         // SAFETY: as in current_map: the running thread's process and its
-        // vmspace are valid during the call; the pointer is only compared.
+        // vmspace are valid during the call; the pointer is only compared
+        // (with INIT's, which the open file keeps referenced so that no
+        // other vmspace gets its address: mod.rs OwnerVmspace).
         unsafe {
             let td = sys::kqemu_curthread();
             (*(*td).td_proc).p_vmspace as u64

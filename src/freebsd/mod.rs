@@ -11,9 +11,9 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use freebsd_kernel_sys as sys;
 
-use crate::abi::{IOCPARM_MASK, KQEMU_VERSION};
+use crate::abi::{IOCPARM_MASK, KQEMU_INIT, KQEMU_VERSION};
 use crate::device::OpenFile;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::host::{Host, HostBox, LockBudget, LOCK_BUDGET_HELD_OFFSET};
 use host::FreeBsdHost;
 
@@ -61,6 +61,72 @@ fn errno(e: Error) -> c_int {
         Error::Busy => sys::EBUSY,
         Error::NotTty => sys::ENOTTY,
         Error::Permission => sys::EPERM,
+    }
+}
+
+/// The cdevpriv of an open file: the device state, and the address space
+/// its instance belongs to.
+struct FileState {
+    file: OpenFile<FreeBsdHost>,
+    /// Dropped after `file` (field order), when the instance no longer
+    /// compares anything with it.
+    owner: OwnerVmspace,
+}
+
+/// The vmspace of the process whose INIT made the instance, with a
+/// reference on it (`vm_refcnt`, taken by vmspace_acquire_ref(9)) from
+/// that INIT until the cdevpriv destructor. The instance answers EPERM to
+/// any caller whose `p_vmspace` is another pointer (Host::user_space);
+/// the reference keeps this one from being freed and its address handed
+/// to another process's vmspace (UMA reuses freed items) while the
+/// descriptor lives on in a child or in a process it was passed to after
+/// the INIT process exited or exec'd. Null before INIT.
+struct OwnerVmspace(AtomicPtr<sys::vmspace>);
+
+impl Drop for OwnerVmspace {
+    fn drop(&mut self) {
+        if let Some(vm) = NonNull::new(*self.0.get_mut()) {
+            // SAFETY: the one reference FileState::ioctl kept; vmspace_free(9) may
+            // sleep (it frees the vmspace at its last reference), which
+            // the destructor's thread context allows.
+            unsafe { sys::vmspace_free(vm.as_ptr()) };
+        }
+    }
+}
+
+impl FileState {
+    /// Runs one ioctl. INIT references the caller's vmspace first, and
+    /// keeps the reference only if INIT built the instance: a failed INIT
+    /// (which the client may retry) and a losing concurrent one give it
+    /// back at once.
+    fn ioctl(&self, cmd: c_ulong, arg: &mut [u8]) -> Result<()> {
+        if cmd != c_ulong::from(KQEMU_INIT) {
+            return self.file.ioctl(cmd, arg);
+        }
+        // SAFETY: curthread and its process are valid in thread context;
+        // vmspace_acquire_ref(9) takes the process's vmspace lock itself.
+        let vm = unsafe { sys::vmspace_acquire_ref((*sys::kqemu_curthread()).td_proc) };
+        // NULL only while the process tears its vmspace down (exit):
+        // there is no memory left to run a guest in.
+        let vm = NonNull::new(vm).ok_or(Error::Fault)?;
+        let result = self.file.ioctl(cmd, arg);
+        let kept = result.is_ok()
+            && self
+                .owner
+                .0
+                .compare_exchange(
+                    ptr::null_mut(),
+                    vm.as_ptr(),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok();
+        if !kept {
+            // SAFETY: the reference taken above, given back once; thread
+            // context (an ioctl) may sleep.
+            unsafe { sys::vmspace_free(vm.as_ptr()) };
+        }
+        result
     }
 }
 
@@ -193,7 +259,11 @@ pub unsafe extern "C" fn kqemu_open(
     if oflags & sys::FWRITE == 0 {
         return errno(Error::Permission);
     }
-    let file = match HostBox::new(&FreeBsdHost, OpenFile::new(FreeBsdHost)) {
+    let state = FileState {
+        file: OpenFile::new(FreeBsdHost),
+        owner: OwnerVmspace(AtomicPtr::new(ptr::null_mut())),
+    };
+    let file = match HostBox::new(&FreeBsdHost, state) {
         Ok(file) => file.into_raw(),
         Err(e) => return errno(e),
     };
@@ -218,10 +288,11 @@ pub unsafe extern "C" fn kqemu_open(
 /// Called by devfs once per pointer given to devfs_set_cdevpriv.
 #[no_mangle]
 pub unsafe extern "C" fn kqemu_cdevpriv_dtor(data: *mut c_void) {
-    if let Some(file) = NonNull::new(data.cast::<OpenFile<FreeBsdHost>>()) {
+    if let Some(file) = NonNull::new(data.cast::<FileState>()) {
         // SAFETY: `data` is the pointer kqemu_open gave devfs, from
         // HostBox::into_raw; devfs runs this once and no ioctl is running
-        // on the file any more.
+        // on the file any more. Dropping it releases the instance, then the
+        // reference on INIT's vmspace.
         drop(unsafe { HostBox::from_raw(FreeBsdHost, file) });
         kqemu_instances.fetch_sub(1, Ordering::AcqRel);
     }
@@ -248,10 +319,11 @@ pub unsafe extern "C" fn kqemu_ioctl(
     if error != 0 {
         return error;
     }
-    // SAFETY: the cdevpriv of our files is always an OpenFile from
+    // SAFETY: the cdevpriv of our files is always a FileState from
     // kqemu_open, alive until its destructor, which devfs does not run
-    // while this call is inside the driver. OpenFile is Sync.
-    let file = unsafe { &*private.cast::<OpenFile<FreeBsdHost>>() };
+    // while this call is inside the driver. OpenFile is Sync, the owner
+    // an atomic.
+    let file = unsafe { &*private.cast::<FileState>() };
     // kern_ioctl hands d_ioctl a buffer of IOCPARM_LEN(cmd) bytes (or, for
     // IOC_VOID and length 0, a pointer to an intptr_t): never more bytes
     // than this length.

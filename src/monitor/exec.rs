@@ -5,7 +5,9 @@
 //!
 //! The exits the monitor handles itself are page faults it can answer
 //! from the guest's tables (a shadow fill, or the first write to a page
-//! the dirty protocol keeps read-only) and host interrupts. Everything
+//! the dirty protocol keeps read-only), loads of GDT selectors whose
+//! descriptors it fills from the guest's GDT (segments.rs [`RunGdt`]),
+//! and host interrupts. Everything
 //! else ends the run with the code kqemu 1.4.0pre1 used: exceptions with
 //! their error code (and CR2), `int n` / `int3` / `into` as
 //! `KQEMU_RET_INT | n` with `next_eip`, `syscall` as `KQEMU_RET_SYSCALL`
@@ -33,7 +35,9 @@ use crate::monitor::ram::{
     LockedFrame, LockedPages, LockedSlot, PageBacking, RamPage, SharedList, Unlocked, Watch,
     WriteFault,
 };
-use crate::monitor::segments::{CodeSize, CpuMode, Selector};
+use crate::monitor::segments::{
+    CodeSize, CpuMode, Descriptor, Fill, RunGdt, SegmentFault, Selector, VEC_GP, VEC_NP, VEC_SS,
+};
 use crate::monitor::shadow::{
     Derivation, LeafMapping, Shadow, ShadowFlags, ShadowNode, TablePage, TablePages,
 };
@@ -57,7 +61,6 @@ const VEC_DB: u8 = 1;
 const VEC_UD: u8 = 6;
 const VEC_DF: u8 = 8;
 const VEC_TS: u8 = 10;
-const VEC_GP: u8 = 13;
 const VEC_PF: u8 = 14;
 /// Error code bit of a #GP raised by an IDT gate (SDM Vol. 3A 6.13).
 const ERROR_IDT: u64 = 1 << 1;
@@ -138,9 +141,10 @@ pub fn classify(vector: u8, error_code: u64, code: &[u8], syscall_enabled: bool)
             error_code: error_code as u32,
         },
         VEC_DF => Outcome::Abort,
-        // Other #GP, #TS, #NP, #SS: segment loads, I/O, privileged
-        // instructions, UMIP: the client emulates them exactly with the
-        // guest's own tables.
+        // Other #GP, #TS, #NP, #SS (the run loop has handled the loads of
+        // GDT selectors it fills, `Monitor::segment_fault`): LDT selectors,
+        // I/O, privileged instructions, UMIP: the client emulates them
+        // exactly with the guest's own tables.
         VEC_TS..=VEC_GP => Outcome::SoftMmu,
         _ => Outcome::SoftMmu,
     }
@@ -708,7 +712,7 @@ impl<H: Host> Monitor<H> {
         self.last_root = Some(selected.root);
 
         let mut area = area_from_state(state, &entry);
-        let descriptors = entry_descriptors(&entry);
+        let mut gdt = RunGdt::of_entry(&entry.segments);
         let mut report = ExitReport {
             retval: KQEMU_RET_INTR,
             error_code: 0,
@@ -717,7 +721,7 @@ impl<H: Host> Monitor<H> {
         };
 
         for _ in 0..MAX_EXITS_PER_EXEC {
-            let exit = match self.run_once(&mut area, &descriptors, &entry) {
+            let exit = match self.run_once(&mut area, gdt.descriptors(), &entry) {
                 Ok(exit) => exit,
                 // Every switcher block is held by a run on another CPU,
                 // each for at most one host tick: the client calls EXEC
@@ -760,6 +764,30 @@ impl<H: Host> Monitor<H> {
                         report = r;
                         break;
                     }
+                }
+            }
+            if matches!(exit.vector, VEC_NP | VEC_SS | VEC_GP) {
+                let mut fill = SegmentFill {
+                    gdt: &mut gdt,
+                    map,
+                    ram,
+                    tracker: &mut tracker,
+                    dirty: &mut dirty,
+                    modified: &mut modified,
+                    update: &mut update,
+                };
+                match self.segment_fault(&exit, &entry, &mut fill) {
+                    SegmentExit::Resume => continue,
+                    SegmentExit::Guest => {
+                        report = ExitReport {
+                            retval: KQEMU_RET_EXCEPTION | i32::from(exit.vector),
+                            error_code: exit.error_code as u32,
+                            cr2: None,
+                            next_eip: None,
+                        };
+                        break;
+                    }
+                    SegmentExit::Client => {}
                 }
             }
             let code = match area.exit_code() {
@@ -808,7 +836,7 @@ impl<H: Host> Monitor<H> {
             break;
         }
 
-        copy_out(state, &area, &entry);
+        copy_out(state, &area, &entry, &gdt);
         let (updates, mods) = tracker.counts();
         state.nb_ram_pages_to_update = updates;
         state.nb_modified_ram_pages = mods;
@@ -928,23 +956,9 @@ impl<H: Host> Monitor<H> {
         // off just above.
         let exit = unsafe { sw.run(&setup) };
         switch::flush_shadow_pcid(host_cr4);
-        if exit.pending_nmi {
-            // SAFETY: the host's tables are back; it handles NMIs.
-            unsafe { switch::reraise(switch::VECTOR_NMI) };
-        }
-        if exit.pending_mc {
-            // SAFETY: as above, for machine checks.
-            unsafe { switch::reraise(switch::VECTOR_MACHINE_CHECK) };
-        }
-        if !exit.entry_failed
-            && (exit.vector >= switch::FIRST_EXTERNAL_VECTOR
-                || exit.vector == switch::VECTOR_NMI
-                || exit.vector == switch::VECTOR_MACHINE_CHECK)
-        {
-            // SAFETY: a host interrupt or NMI taken in guest mode: the
-            // host's own handler gets it now, on the host's tables.
-            unsafe { switch::reraise(exit.vector) };
-        }
+        // SAFETY: the host's tables are back; it handles NMIs, machine
+        // checks and its own interrupts.
+        unsafe { switch::hand_to_host(&exit) };
         *area = *sw.area();
         switch::interrupts_restore(flags);
         Ok(exit)
@@ -1047,6 +1061,106 @@ impl<H: Host> Monitor<H> {
             return Err(soft);
         }
         Ok(())
+    }
+
+    /// A #GP, #NP or #SS exit: a load of a GDT selector the run's shadow
+    /// does not hold yet is filled from the guest's GDT and retried
+    /// (segments.rs [`RunGdt`]).
+    fn segment_fault(
+        &mut self,
+        exit: &Exit,
+        entry: &NormalModeEntry,
+        f: &mut SegmentFill<'_, '_, H>,
+    ) -> SegmentExit {
+        let host = self.host.clone();
+        match f
+            .gdt
+            .on_fault(exit.vector, exit.error_code, entry.tables.gdt)
+        {
+            SegmentFault::Client => SegmentExit::Client,
+            SegmentFault::Guest => SegmentExit::Guest,
+            SegmentFault::Read { index, linear } => {
+                let mut mem = RamMem {
+                    host: &host,
+                    map: f.map,
+                    ram: f.ram,
+                    locked: Some(&mut self.locked),
+                };
+                let Some(guest) = read_descriptor(entry, &mut mem, f.map, linear) else {
+                    return SegmentExit::Client;
+                };
+                match f.gdt.fill(index, guest, entry.mode) {
+                    Fill::Installed => SegmentExit::Resume,
+                    Fill::Client => SegmentExit::Client,
+                }
+            }
+            SegmentFault::SetAccessed {
+                index,
+                linear,
+                guest,
+            } => {
+                if self.set_accessed(entry, f, linear, guest) {
+                    f.gdt.accessed(index, entry.mode);
+                    SegmentExit::Resume
+                } else {
+                    SegmentExit::Client
+                }
+            }
+        }
+    }
+
+    /// Sets the accessed bit of the guest's descriptor at `linear`, as the
+    /// CPU writes it on a load (SDM Vol. 3A 3.4.5.1): an implicit
+    /// supervisor write through the guest's tables, which sets their
+    /// Accessed and Dirty flags, and a guest write to its RAM page for the
+    /// dirty bytes (the client learns of it as of any guest write). False:
+    /// the client emulates the load (the page is not RAM, the list of
+    /// modified pages is full, shadow state derives from the page, or the
+    /// descriptor changed meanwhile).
+    fn set_accessed(
+        &mut self,
+        entry: &NormalModeEntry,
+        f: &mut SegmentFill<'_, '_, H>,
+        linear: GuestVirt,
+        guest: Descriptor,
+    ) -> bool {
+        if linear.as_u64() & 3 != 0 {
+            return false;
+        }
+        let host = self.host.clone();
+        let mut mem = RamMem {
+            host: &host,
+            map: f.map,
+            ram: f.ram,
+            locked: Some(&mut self.locked),
+        };
+        // The attribute dword (bits 63:32) holds the accessed bit (40).
+        let high = GuestVirt::new(linear.as_u64().wrapping_add(4));
+        let Ok(t) = translate(&entry.paging, &mut mem, high, Access::IMPLICIT_WRITE) else {
+            return false;
+        };
+        let Ok(native) = native_page(f.map.backing(t.frame()), AccessKind::Write) else {
+            return false;
+        };
+        let page = native.page;
+        if u64::from(page.index()) >= f.ram.pages() {
+            return false;
+        }
+        if f.dirty.load(page) != ALL_DIRTY {
+            match f.tracker.write_fault(page, f.dirty, f.modified, f.update) {
+                WriteFault::ListFull => return false,
+                WriteFault::Writable { was_watched } => {
+                    if was_watched && self.shadow.page_modified(page, &mut mem, &mut self.tables) {
+                        return false;
+                    }
+                }
+            }
+        }
+        // From the descriptor as read for the fill: if the guest's table
+        // changed since, the client emulates the load with the new one.
+        let old = (guest.0 >> 32) as u32;
+        let new = (guest.with_accessed().0 >> 32) as u32;
+        matches!(mem.compare_exchange_u32(t.phys, old, new), Ok(true))
     }
 
     /// Up to two bytes of guest code at CS:RIP (see [`read_code`]); from
@@ -1154,6 +1268,58 @@ impl<H: Host> Drop for Monitor<H> {
     }
 }
 
+/// What a segment fault needs besides the monitor: the run's GDT and the
+/// EXEC's dirty-byte protocol state.
+struct SegmentFill<'a, 'd, H: Host> {
+    gdt: &'a mut RunGdt,
+    map: &'a PhysMap<H>,
+    ram: &'a RamParams,
+    tracker: &'a mut DirtyTracker,
+    dirty: &'a mut UserDirty<'d>,
+    modified: &'a mut ListPage,
+    update: &'a mut ListPage,
+}
+
+/// What the run loop does after [`Monitor::segment_fault`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SegmentExit {
+    /// The shadow was filled: run the guest again.
+    Resume,
+    /// The guest's own exception, with the exit's vector and error code.
+    Guest,
+    /// Classify as before: the client emulates.
+    Client,
+}
+
+/// The guest's descriptor at `linear` in its GDT, read as the CPU reads
+/// it: two implicit supervisor reads through the guest's tables (each
+/// dword on its own page when the descriptor straddles two). `None` when
+/// the walk faults or the memory is not RAM or ROM: the client emulates
+/// (it raises the #PF of the implicit access itself), and for a GDT base
+/// that is not 4-byte aligned.
+fn read_descriptor<H: Host>(
+    entry: &NormalModeEntry,
+    mem: &mut RamMem<'_, H>,
+    map: &PhysMap<H>,
+    linear: GuestVirt,
+) -> Option<Descriptor> {
+    if linear.as_u64() & 3 != 0 {
+        return None;
+    }
+    let mut halves = [0u32; 2];
+    for (i, half) in halves.iter_mut().enumerate() {
+        let at = GuestVirt::new(linear.as_u64().wrapping_add(4 * i as u64));
+        let t = translate(&entry.paging, mem, at, Access::IMPLICIT_READ).ok()?;
+        if let PageBacking::Comm | PageBacking::Unassigned = map.backing(t.frame()) {
+            return None;
+        }
+        *half = mem.read_u32(t.phys).ok()?;
+    }
+    Some(Descriptor(
+        u64::from(halves[0]) | (u64::from(halves[1]) << 32),
+    ))
+}
+
 /// Whether the validated state can run natively on this monitor: debug
 /// registers, a guest CR0.TS or EM (FPU ownership stays with the host,
 /// ARCHITECTURE.md), LDT selectors and 16-bit stacks need the client.
@@ -1162,45 +1328,6 @@ fn runnable(entry: &NormalModeEntry) -> bool {
         && !entry.cr0.intersects(Cr0::TS | Cr0::EM)
         && !entry.stack_16bit
         && entry.segments.iter().all(|s| !s.selector.in_ldt())
-}
-
-/// The descriptors the run loads, at their GDT indices.
-fn entry_descriptors(entry: &NormalModeEntry) -> heapless_list::List {
-    let mut list = heapless_list::List::default();
-    for s in entry.segments.iter() {
-        if let Some(d) = s.descriptor {
-            list.push(s.selector.index(), d.0);
-        }
-    }
-    list
-}
-
-mod heapless_list {
-    /// At most six (index, descriptor) pairs, without a heap.
-    #[derive(Default)]
-    pub struct List {
-        items: [(u16, u64); 6],
-        len: usize,
-    }
-
-    impl List {
-        pub fn push(&mut self, index: u16, raw: u64) {
-            if self.items[..self.len].iter().any(|&(i, _)| i == index) {
-                return;
-            }
-            if let Some(slot) = self.items.get_mut(self.len) {
-                *slot = (index, raw);
-                self.len += 1;
-            }
-        }
-    }
-
-    impl core::ops::Deref for List {
-        type Target = [(u16, u64)];
-        fn deref(&self) -> &[(u16, u64)] {
-            &self.items[..self.len]
-        }
-    }
 }
 
 /// CR0 while the guest runs: the host's, with the guest's AM (alignment
@@ -1266,7 +1393,7 @@ fn area_from_state(state: &KqemuCpuState, entry: &NormalModeEntry) -> SwitchArea
 
 /// Copies the guest's registers back into the state (ABI.md: the client
 /// reads regs, eip, eflags, segs and cr2 back).
-fn copy_out(state: &mut KqemuCpuState, a: &SwitchArea, entry: &NormalModeEntry) {
+fn copy_out(state: &mut KqemuCpuState, a: &SwitchArea, entry: &NormalModeEntry, gdt: &RunGdt) {
     let before = state.segs;
     state.regs = a.regs;
     state.regs[4] = a.rsp;
@@ -1276,7 +1403,9 @@ fn copy_out(state: &mut KqemuCpuState, a: &SwitchArea, entry: &NormalModeEntry) 
     for (i, &sel) in now.iter().enumerate() {
         let sel = sel as u16;
         if sel != before[i].selector {
-            state.segs[i] = cache_for(sel, &before);
+            state.segs[i] = gdt
+                .loaded_cache(Selector(sel))
+                .unwrap_or_else(|| cache_for(sel, &before));
         }
     }
     if entry.mode == CpuMode::Long {
@@ -1285,9 +1414,9 @@ fn copy_out(state: &mut KqemuCpuState, a: &SwitchArea, entry: &NormalModeEntry) 
     }
 }
 
-/// The cache of a selector the guest loaded natively: only descriptors of
-/// the entry registers are in the monitor GDT, so it is a copy of one of
-/// them, or null.
+/// The cache of a selector the guest loaded natively other than from a
+/// filled entry (`RunGdt::loaded_cache`): a copy of an entry register's,
+/// or null.
 fn cache_for(sel: u16, before: &[KqemuSegmentCache; seg::COUNT]) -> KqemuSegmentCache {
     if Selector(sel).is_null() {
         return KqemuSegmentCache {
@@ -1410,6 +1539,11 @@ mod tests {
         fn write_u64(&self, addr: u64, value: u64) {
             // SAFETY: aligned, inside a page of the map.
             unsafe { (self.page(addr) as *mut u64).write(value) }
+        }
+
+        fn read_u64(&self, addr: u64) -> u64 {
+            // SAFETY: aligned, inside a page of the map.
+            unsafe { (self.page(addr) as *mut u64).read() }
         }
 
         fn read_u8(&self, addr: u64) -> u8 {
@@ -1589,6 +1723,42 @@ mod tests {
 
         fn leaf(&self, linear: u64) -> Option<u64> {
             self.monitor.shadow.lookup(GuestVirt::new(linear))
+        }
+
+        fn segment_fault(
+            &mut self,
+            vector: u8,
+            error_code: u64,
+            gdt: &mut RunGdt,
+            tracker: &mut DirtyTracker,
+        ) -> SegmentExit {
+            let exit = Exit {
+                vector,
+                error_code,
+                cr2: 0,
+                entry_failed: false,
+                pending_nmi: false,
+                pending_mc: false,
+                dr6: 0,
+            };
+            let mut dirty = UserDirty {
+                pages: NonNull::from(&self.monitor.dirty_pages[..]).cast(),
+                len: self.monitor.dirty_pages.len(),
+                ram: &self.ram,
+            };
+            let list = |addr| NonNull::new(self.host.page(addr).cast()).expect("page");
+            let mut modified = ListPage(list(LISTS[2]));
+            let mut update = ListPage(list(LISTS[1]));
+            let mut fill = SegmentFill {
+                gdt,
+                map: &self.map,
+                ram: &self.ram,
+                tracker,
+                dirty: &mut dirty,
+                modified: &mut modified,
+                update: &mut update,
+            };
+            self.monitor.segment_fault(&exit, &self.entry, &mut fill)
         }
     }
 
@@ -1918,6 +2088,119 @@ mod tests {
         assert_eq!(g & Cr4::OSFXSR.bits(), Cr4::OSFXSR.bits());
         let g = guest_cr4(host_cr4, Cr4::PAE | Cr4::OSXSAVE);
         assert_eq!(g & Cr4::OSXSAVE.bits(), 0, "never a bit the host lacks");
+    }
+
+    /// The guest's GDT at linear 0x40_1000 (guest-physical 0x11000),
+    /// mapped supervisor-only, 32 entries.
+    const GDT_LINEAR: u64 = 0x40_1000;
+    const GDT_PHYS: u64 = 0x11000;
+    /// A flat DPL-3 data segment, not yet accessed, and the accessed bit.
+    const FRESH_DS: u64 = 0x00cf_f200_0000_ffff;
+    const DESC_A: u64 = 1 << 40;
+
+    fn guest_with_gdt() -> Guest {
+        let mut g = guest();
+        g.host.write_u64(RAM_BASE + 0x4000 + 8, GDT_PHYS | 0x3);
+        g.host.write_u64(RAM_BASE + GDT_PHYS + 9 * 8, FRESH_DS);
+        g.host.write_u64(
+            RAM_BASE + GDT_PHYS + 10 * 8,
+            (FRESH_DS | DESC_A) & !(1 << 47),
+        );
+        g.entry.tables.gdt = (GDT_LINEAR, 32 * 8 - 1);
+        g
+    }
+
+    #[test]
+    fn a_gdt_selector_is_read_from_guest_memory_and_its_accessed_bit_set() {
+        let mut g = guest_with_gdt();
+        // The client translated code from the GDT's page (CODE_DIRTY clear).
+        let gdt_page = GDT_PHYS / 4096;
+        g.host
+            .write_u8(DIRTY + gdt_page, ALL_DIRTY & !CODE_DIRTY_FLAG);
+        let mut gdt = RunGdt::of_entry(&g.entry.segments);
+        let mut tracker = DirtyTracker::new();
+        // `mov ds, 0x4b`: #GP(0x48) on the empty entry, filled (not
+        // present while the guest's A is clear), retried.
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x48, &mut gdt, &mut tracker),
+            SegmentExit::Resume
+        );
+        assert_eq!(
+            gdt.descriptors().last(),
+            Some(&(9, FRESH_DS & !(1 << 47) | DESC_A))
+        );
+        assert_eq!(g.host.read_u64(RAM_BASE + GDT_PHYS + 72), FRESH_DS);
+        // The checks passed: #NP(0x48). The guest's A is set in its RAM,
+        // through the guest's tables (their A and D set), as a guest write
+        // for the dirty bytes; the shadow entry is present.
+        assert_eq!(
+            g.segment_fault(VEC_NP, 0x48, &mut gdt, &mut tracker),
+            SegmentExit::Resume
+        );
+        assert_eq!(g.host.read_u64(RAM_BASE + GDT_PHYS + 72), FRESH_DS | DESC_A);
+        assert_eq!(
+            g.host.read_u64(RAM_BASE + 0x4000 + 8),
+            GDT_PHYS | 0x3 | 0x60
+        );
+        assert_eq!(gdt.descriptors().last(), Some(&(9, FRESH_DS | DESC_A)));
+        assert_eq!(g.host.read_u8(DIRTY + gdt_page), ALL_DIRTY);
+        assert_eq!(tracker.counts(), (1, 1));
+        assert_eq!(g.host.read_u64(LISTS[2]), GDT_PHYS);
+        // Any further fault on it is the guest's.
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x48, &mut gdt, &mut tracker),
+            SegmentExit::Guest
+        );
+        // A not-present descriptor: filled, then its #NP is the guest's,
+        // with nothing written.
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x50, &mut gdt, &mut tracker),
+            SegmentExit::Resume
+        );
+        assert_eq!(
+            g.segment_fault(VEC_NP, 0x50, &mut gdt, &mut tracker),
+            SegmentExit::Guest
+        );
+        // Beyond the limit: the guest's #GP without a read.
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x100, &mut gdt, &mut tracker),
+            SegmentExit::Guest
+        );
+        assert_eq!(tracker.counts(), (1, 1));
+    }
+
+    #[test]
+    fn a_gdt_the_guest_has_not_mapped_goes_to_the_client() {
+        let mut g = guest_with_gdt();
+        let mut tracker = DirtyTracker::new();
+        let mut gdt = RunGdt::of_entry(&g.entry.segments);
+        // An unmapped page: the implicit read's #PF is the client's to
+        // raise.
+        g.entry.tables.gdt = (GDT_LINEAR + 0x1000, 0xff);
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x48, &mut gdt, &mut tracker),
+            SegmentExit::Client
+        );
+        // A base that is not 4-byte aligned.
+        g.entry.tables.gdt = (GDT_LINEAR + 2, 0xff);
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x48, &mut gdt, &mut tracker),
+            SegmentExit::Client
+        );
+        assert_eq!(gdt.descriptors().len(), 2, "CS and SS only");
+        // The guest's descriptor changed between the fill and the load:
+        // the client loads it.
+        g.entry.tables.gdt = (GDT_LINEAR, 0xff);
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x48, &mut gdt, &mut tracker),
+            SegmentExit::Resume
+        );
+        g.host
+            .write_u64(RAM_BASE + GDT_PHYS + 72, FRESH_DS & !(3 << 45));
+        assert_eq!(
+            g.segment_fault(VEC_SS, 0x48, &mut gdt, &mut tracker),
+            SegmentExit::Client
+        );
     }
 
     #[test]

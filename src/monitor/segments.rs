@@ -8,7 +8,36 @@
 //!   starts ([`entry_segment`]): the hidden part of a segment register is
 //!   what counts, even when the guest changed its tables since;
 //! - the guest's descriptors, for the loads guest code does itself while it
-//!   runs ([`shadow_of_guest`]).
+//!   runs ([`shadow_of_guest`]), read from the guest's GDT in guest memory
+//!   lazily, one per faulting index ([`RunGdt`]).
+//!
+//! # The lazy fill
+//!
+//! Every index the shadow does not hold is an empty entry, so a load of
+//! any other GDT selector faults #GP(selector) after the CPU found the
+//! selector within the monitor GDT's limit. The monitor then reads the
+//! guest's descriptor at `gdt.base + index * 8` through the guest's page
+//! tables (implicit supervisor reads), installs its shadow and resumes the
+//! guest, which retries the load with the guest's descriptor in place: the
+//! CPU makes every check of the guest CPU (type, DPL/RPL/CPL, present).
+//! Each index is filled at most once per EXEC, so a second fault on it is
+//! the guest's own exception; an index past the guest's limit is the
+//! guest's #GP(selector) at once. The accessed bit is set in the guest's
+//! descriptor in memory (a guest write for the dirty bytes) when the load
+//! passes its checks, as the CPU would ([`on_not_present`]). Fills last
+//! one EXEC: between EXECs the guest OS may rewrite its tables (a context
+//! switch loads another task's TLS entries), and the next EXEC starts again
+//! from the entry registers.
+//!
+//! What the client emulates (SOFTMMU) instead: LDT selectors (the switch
+//! loads no LDT yet), the indices the world switch keeps for itself, the
+//! indices of entry registers (their hidden part may differ from the table),
+//! code segments, system descriptors and gates, writable 16-bit data (a
+//! 16-bit stack), a GDT page that is not RAM or not mapped, and loads beyond
+//! the [`RUN_DESCRIPTORS`] entries one run can hold. One difference stays:
+//! LAR, LSL, VERR and VERW never fault, so on a GDT selector that no segment
+//! register holds and no load filled in this EXEC they report "invalid"
+//! (ZF = 0) where the guest's CPU would read its table.
 //!
 //! The host runs in IA-32e mode; guest code runs in 64-bit mode (CS.L = 1
 //! in a long-mode guest) or in compatibility mode, which applies 16- and
@@ -527,6 +556,243 @@ pub fn cache_of_load(selector: Selector, guest: Descriptor) -> KqemuSegmentCache
     }
 }
 
+/// Shadow GDT entries one run can hold: the world switch writes at most
+/// this many guest descriptors per run (switch.rs
+/// `set_guest_descriptors`); the entry registers take up to six of them
+/// when they all differ, which no guest OS does (code, data and a TLS
+/// entry are the usual three).
+pub const RUN_DESCRIPTORS: usize = 6;
+
+/// Vectors of the faults a segment load raises at CPL 3 (SDM Vol. 3A
+/// Table 6-1): #NP, #SS and #GP with the selector as error code.
+pub const VEC_NP: u8 = 11;
+pub const VEC_SS: u8 = 12;
+pub const VEC_GP: u8 = 13;
+/// Error-code bits that do not name a selector: EXT (an external event)
+/// and IDT (a gate) (SDM Vol. 3A 6.13).
+const ERROR_EXT_IDT: u64 = 0b11;
+
+/// Where an entry of [`RunGdt`] came from and what its next fault means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Built from the client's segment cache of an entry register.
+    Entry,
+    /// Read from the guest's GDT in this EXEC; a fault on it is the
+    /// guest's own.
+    Filled,
+    /// Read from the guest's GDT with its accessed bit clear: the shadow
+    /// entry is not present until the CPU's first load passes every check
+    /// and faults #NP or #SS, which sets the guest's bit.
+    AwaitingAccessed,
+}
+
+/// The guest descriptors of one EXEC, at their GDT indices: the entry
+/// registers' (from the client's caches), then those filled lazily from
+/// the guest's own GDT when guest code loads another selector (kqemu kept
+/// a shadow of the guest's whole GDT instead, tracked through the
+/// descriptor-table dirty flag). A fill lives for the EXEC only: the
+/// guest OS may change its tables between EXECs, and the next EXEC
+/// starts again from the entry registers.
+#[derive(Clone, Copy, Debug)]
+pub struct RunGdt {
+    shadow: [(u16, u64); RUN_DESCRIPTORS],
+    /// The guest's descriptor of each filled entry (accessed bit as read).
+    guest: [Descriptor; RUN_DESCRIPTORS],
+    stage: [Stage; RUN_DESCRIPTORS],
+    len: usize,
+}
+
+/// What a #GP, #NP or #SS exit of guest code comes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentFault {
+    /// Not a load of a GDT selector the monitor fills (an LDT selector,
+    /// an entry register's index, the monitor's own indices, a full
+    /// table, an error code without a selector): the client emulates.
+    Client,
+    /// The guest's own exception, exactly as the CPU raised it: a second
+    /// fault on a filled index (the shadow mirrors the guest's
+    /// descriptor, so the CPU made the guest CPU's checks), or a selector
+    /// beyond the GDT limit (#GP(selector), SDM Vol. 3A 5.4.1).
+    Guest,
+    /// Read the guest's descriptor for GDT entry `index` at `linear`,
+    /// then [`RunGdt::fill`].
+    Read { index: u16, linear: GuestVirt },
+    /// The load of filled entry `index` passed every check: set the
+    /// accessed bit of the guest's descriptor at `linear` (in guest
+    /// memory, as the CPU would), then [`RunGdt::accessed`].
+    SetAccessed {
+        index: u16,
+        linear: GuestVirt,
+        guest: Descriptor,
+    },
+}
+
+/// What [`RunGdt::fill`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Installed: run the guest again, it retries the load.
+    Installed,
+    /// A descriptor the world switch cannot mirror exactly: the client
+    /// emulates.
+    Client,
+}
+
+impl RunGdt {
+    /// The entry registers' descriptors of `segments` (ABI order).
+    pub fn of_entry(segments: &[EntrySegment]) -> Self {
+        let mut gdt = Self {
+            shadow: [(0, 0); RUN_DESCRIPTORS],
+            guest: [Descriptor(0); RUN_DESCRIPTORS],
+            stage: [Stage::Entry; RUN_DESCRIPTORS],
+            len: 0,
+        };
+        for s in segments {
+            if let Some(d) = s.descriptor {
+                gdt.push(s.selector.index(), d.0, Descriptor(0), Stage::Entry);
+            }
+        }
+        gdt
+    }
+
+    /// Adds an entry; false when the index has one or the table is full.
+    fn push(&mut self, index: u16, raw: u64, guest: Descriptor, stage: Stage) -> bool {
+        if self.position(index).is_some() || self.len == RUN_DESCRIPTORS {
+            return false;
+        }
+        self.shadow[self.len] = (index, raw);
+        self.guest[self.len] = guest;
+        self.stage[self.len] = stage;
+        self.len += 1;
+        true
+    }
+
+    fn position(&self, index: u16) -> Option<usize> {
+        self.shadow[..self.len]
+            .iter()
+            .position(|&(i, _)| i == index)
+    }
+
+    /// (GDT index, descriptor) pairs for the world switch.
+    pub fn descriptors(&self) -> &[(u16, u64)] {
+        &self.shadow[..self.len]
+    }
+
+    /// Classifies an exit with `vector` and `error_code`, given the
+    /// guest's GDT (`gdt`: base, byte limit).
+    pub fn on_fault(&self, vector: u8, error_code: u64, gdt: (u64, u32)) -> SegmentFault {
+        if !matches!(vector, VEC_NP | VEC_SS | VEC_GP)
+            || error_code & ERROR_EXT_IDT != 0
+            || error_code == 0
+            || error_code > 0xffff
+        {
+            return SegmentFault::Client;
+        }
+        let selector = Selector(error_code as u16);
+        // LDT selectors need an LDT in the switcher (see
+        // notes/segments-ldt.md); the monitor's own entries are not the
+        // guest's.
+        if selector.in_ldt() || selector.index() >= MONITOR_GDT_FIRST {
+            return SegmentFault::Client;
+        }
+        let index = selector.index();
+        if let Some(i) = self.position(index) {
+            return match (self.stage[i], vector) {
+                // The hidden part of an entry register may differ from the
+                // guest's table: only the client knows the table then.
+                (Stage::Entry, _) => SegmentFault::Client,
+                (Stage::Filled, _) | (Stage::AwaitingAccessed, VEC_GP) => SegmentFault::Guest,
+                (Stage::AwaitingAccessed, _) => {
+                    match (
+                        on_not_present(self.guest[i]),
+                        descriptor_address(selector, gdt, None),
+                    ) {
+                        (NotPresent::SetAccessed, Some(linear)) => SegmentFault::SetAccessed {
+                            index,
+                            linear,
+                            guest: self.guest[i],
+                        },
+                        (NotPresent::GuestFault, _) => SegmentFault::Guest,
+                        (_, None) => SegmentFault::Client,
+                    }
+                }
+            };
+        }
+        // An index the shadow does not hold is an empty entry: the CPU
+        // raised #GP(selector) for its type (SDM Vol. 3A 5.5).
+        if vector != VEC_GP {
+            return SegmentFault::Client;
+        }
+        match descriptor_address(selector, gdt, None) {
+            // Beyond the guest's limit: the guest CPU raises #GP(selector)
+            // too, the same exception from the same instruction.
+            None => SegmentFault::Guest,
+            Some(_) if self.len == RUN_DESCRIPTORS => SegmentFault::Client,
+            Some(linear) => SegmentFault::Read { index, linear },
+        }
+    }
+
+    /// Installs the shadow of `guest`, GDT entry `index` as read for
+    /// [`SegmentFault::Read`].
+    ///
+    /// Filled: data segments (their shadow from [`shadow_of_guest`]) and
+    /// all-zero entries (a load of one faults #GP(selector) on the guest
+    /// CPU as on the empty shadow entry). The client emulates the rest:
+    /// - system descriptors and gates: far transfers through them, and
+    ///   #NP for a not-present gate where the empty entry gives #GP;
+    /// - code segments: a far transfer would change CS under a run whose
+    ///   code base and size the monitor took from the entry CS;
+    /// - writable data with D/B = 0: loaded into SS it is a 16-bit stack,
+    ///   whose ESP bits 31:16 the world switch's IRET cannot restore.
+    pub fn fill(&mut self, index: u16, guest: Descriptor, mode: CpuMode) -> Fill {
+        match guest.kind() {
+            DescriptorKind::System(_) if guest.0 != 0 => return Fill::Client,
+            DescriptorKind::Code { .. } => return Fill::Client,
+            DescriptorKind::Data { writable: true, .. }
+                if !guest.flags().contains(DescriptorFlags::DEFAULT_SIZE) =>
+            {
+                return Fill::Client
+            }
+            _ => {}
+        }
+        // A present data segment without A: its shadow is not present
+        // until the load passes its checks (`shadow_of_guest`).
+        let stage = if guest.present() && !guest.flags().contains(DescriptorFlags::ACCESSED) {
+            Stage::AwaitingAccessed
+        } else {
+            Stage::Filled
+        };
+        if self.push(index, shadow_of_guest(guest, mode).raw(), guest, stage) {
+            Fill::Installed
+        } else {
+            Fill::Client
+        }
+    }
+
+    /// The guest's descriptor at `index` has its accessed bit now: the
+    /// shadow entry becomes present and the guest retries the load.
+    pub fn accessed(&mut self, index: u16, mode: CpuMode) {
+        if let Some(i) = self.position(index) {
+            let guest = self.guest[i].with_accessed();
+            self.guest[i] = guest;
+            self.shadow[i].1 = shadow_of_guest(guest, mode).raw();
+            self.stage[i] = Stage::Filled;
+        }
+    }
+
+    /// The client's cache of `selector` when guest code loaded it from a
+    /// filled entry (`None`: not a filled GDT entry).
+    pub fn loaded_cache(&self, selector: Selector) -> Option<KqemuSegmentCache> {
+        if selector.in_ldt() || selector.is_null() {
+            return None;
+        }
+        let i = self.position(selector.index())?;
+        // A load completed only from a present entry, after which the
+        // guest's descriptor has its accessed bit.
+        (self.stage[i] == Stage::Filled && self.guest[i].present())
+            .then(|| cache_of_load(selector, self.guest[i].with_accessed()))
+    }
+}
+
 fn is_canonical(addr: u64) -> bool {
     let high = addr >> 47;
     high == 0 || high == (1 << 17) - 1
@@ -909,6 +1175,205 @@ mod tests {
         );
         // The same index in the LDT is the guest's.
         assert!(entry_segment(SegReg::Ds, &cache(monitor | 4, data), legacy).is_ok());
+    }
+
+    /// A run of an i386 process: CS 0x73, SS/DS/ES 0x7b, GS a TLS entry
+    /// (0x33), under a GDT of 32 entries at 0xc100_0000.
+    fn i386_run() -> (RunGdt, (u64, u32)) {
+        let cs = cache(0x73, Descriptor(USER_CS32 | A.bits()));
+        let ds = cache(0x7b, Descriptor(USER_DS | A.bits()));
+        let gs = cache(0x33, Descriptor(USER_DS | A.bits()));
+        let mut segments = [EntrySegment {
+            selector: Selector(0),
+            descriptor: None,
+            base_msr: None,
+        }; 6];
+        for (reg, c) in [
+            (SegReg::Es, ds),
+            (SegReg::Cs, cs),
+            (SegReg::Ss, ds),
+            (SegReg::Ds, ds),
+            (SegReg::Gs, gs),
+        ] {
+            segments[reg as usize] = entry_segment(reg, &c, CpuMode::Legacy).expect("entry");
+        }
+        (RunGdt::of_entry(&segments), (0xc100_0000, 32 * 8 - 1))
+    }
+
+    const GP: u8 = VEC_GP;
+    const NP: u8 = VEC_NP;
+    const SS: u8 = VEC_SS;
+
+    #[test]
+    fn a_gdt_selector_is_filled_once_then_faults_are_the_guests() {
+        let (mut gdt, table) = i386_run();
+        assert_eq!(
+            gdt.descriptors().iter().map(|d| d.0).collect::<Vec<_>>(),
+            [0xf, 0xe, 0x6],
+            "entry registers, one entry per index"
+        );
+        // `mov fs, 0x3b`: the empty shadow entry raised #GP(0x38).
+        assert_eq!(
+            gdt.on_fault(GP, 0x38, table),
+            SegmentFault::Read {
+                index: 7,
+                linear: GuestVirt::new(0xc100_0038)
+            }
+        );
+        let tls = Descriptor::segment(0x1234_5000, 0xfff, P | S | RW | A | DB | DPL3);
+        assert_eq!(gdt.fill(7, tls, CpuMode::Legacy), Fill::Installed);
+        assert_eq!(gdt.descriptors()[3], (7, tls.0));
+        // Loaded natively now; the cache the client gets is the guest's.
+        let c = gdt.loaded_cache(Selector(0x3b)).expect("filled");
+        assert_eq!((c.selector, c.base, c.limit), (0x3b, 0x1234_5000, 0xfff));
+        assert_eq!(gdt.loaded_cache(Selector(0x3f)), None, "LDT");
+        // A second fault on it is the guest's (e.g. `mov ss` of a
+        // read-only copy would be; here any #GP/#NP/#SS).
+        for v in [GP, NP, SS] {
+            assert_eq!(gdt.on_fault(v, 0x38, table), SegmentFault::Guest);
+        }
+    }
+
+    #[test]
+    fn faults_the_monitor_leaves_to_the_client() {
+        let (gdt, table) = i386_run();
+        // Entry registers' indices: the table may differ from the cache.
+        assert_eq!(gdt.on_fault(GP, 0x78, table), SegmentFault::Client);
+        // LDT selectors, the monitor's indices, no selector, IDT/EXT bits,
+        // #TS, and #NP/#SS on an index the shadow does not hold.
+        let monitor = u64::from(MONITOR_GDT_FIRST) << 3;
+        let big = (0, 0xffff);
+        for (v, e, t) in [
+            (GP, 0x3c, table),
+            (GP, monitor, big),
+            (GP, monitor + 0x10, big),
+            (GP, 0, table),
+            (GP, 0x3a, table),
+            (GP, 0x39, table),
+            (10, 0x38, table),
+            (NP, 0x38, table),
+            (SS, 0x38, table),
+            (14, 0x38, table),
+        ] {
+            assert_eq!(gdt.on_fault(v, e, t), SegmentFault::Client, "{v} {e:#x}");
+        }
+    }
+
+    #[test]
+    fn beyond_the_limit_is_the_guests_gp() {
+        let (gdt, table) = i386_run();
+        assert_eq!(gdt.on_fault(GP, 0x100, table), SegmentFault::Guest);
+        // A descriptor that ends past the limit is beyond it too.
+        assert_eq!(gdt.on_fault(GP, 0x38, (0, 0x3e)), SegmentFault::Guest);
+        assert!(matches!(
+            gdt.on_fault(GP, 0x38, (0, 0x3f)),
+            SegmentFault::Read { index: 7, .. }
+        ));
+    }
+
+    #[test]
+    fn what_is_filled_and_what_the_client_emulates() {
+        let (gdt, table) = i386_run();
+        let legacy = CpuMode::Legacy;
+        let filled = |d: Descriptor| {
+            let mut g = gdt;
+            let r = g.fill(9, d, legacy);
+            (r, g)
+        };
+        // DPL 0 data: mirrored with its DPL; the retried load faults #GP
+        // natively, which is the guest's.
+        let kernel_ds = Descriptor(0x00cf_9300_0000_ffff);
+        let (r, g) = filled(kernel_ds);
+        assert_eq!(r, Fill::Installed);
+        assert_eq!(g.descriptors()[3], (9, kernel_ds.0));
+        assert_eq!(g.on_fault(GP, 0x48, table), SegmentFault::Guest);
+        // An all-zero entry: #GP(selector) natively and on the guest CPU.
+        let (r, g) = filled(Descriptor(0));
+        assert_eq!(r, Fill::Installed);
+        assert_eq!(g.descriptors()[3], (9, 0));
+        assert_eq!(g.on_fault(GP, 0x48, table), SegmentFault::Guest);
+        // Not present (A set): #NP or #SS natively, the guest's.
+        let absent = Descriptor(USER_DS & !P.bits() | A.bits());
+        let (r, g) = filled(absent);
+        assert_eq!(r, Fill::Installed);
+        assert_eq!(g.on_fault(NP, 0x48, table), SegmentFault::Guest);
+        assert_eq!(g.on_fault(SS, 0x48, table), SegmentFault::Guest);
+        assert_eq!(g.loaded_cache(Selector(0x4b)), None);
+        // System descriptors, gates (present or not), code segments and
+        // writable 16-bit data: the client.
+        for d in [
+            Descriptor(0x0000_8900_0000_0067),
+            Descriptor(0x0000_0900_0000_0067),
+            Descriptor(0x0000_ec00_0008_1000),
+            Descriptor(USER_CS32 | A.bits()),
+            Descriptor::segment(0, 0xffff, P | S | RW | A | DPL3),
+        ] {
+            let (r, g) = filled(d);
+            assert_eq!(r, Fill::Client, "{d:x?}");
+            assert_eq!(g.descriptors().len(), 3, "nothing installed");
+        }
+        // Read-only 16-bit data cannot be a stack: filled.
+        assert_eq!(
+            filled(Descriptor::segment(0, 0xffff, P | S | A | DPL3)).0,
+            Fill::Installed
+        );
+    }
+
+    #[test]
+    fn the_accessed_bit_is_set_when_the_load_passes_its_checks() {
+        let (mut gdt, table) = i386_run();
+        let fresh = Descriptor(USER_DS);
+        assert_eq!(gdt.fill(9, fresh, CpuMode::Legacy), Fill::Installed);
+        let (_, raw) = gdt.descriptors()[3];
+        assert!(!Descriptor(raw).present(), "not present until accessed");
+        assert_eq!(gdt.loaded_cache(Selector(0x4b)), None);
+        // A type or privilege failure comes first: #GP is the guest's, and
+        // the guest's A stays clear as on the CPU.
+        assert_eq!(gdt.on_fault(GP, 0x48, table), SegmentFault::Guest);
+        for v in [NP, SS] {
+            assert_eq!(
+                gdt.on_fault(v, 0x48, table),
+                SegmentFault::SetAccessed {
+                    index: 9,
+                    linear: GuestVirt::new(0xc100_0048),
+                    guest: fresh
+                }
+            );
+        }
+        gdt.accessed(9, CpuMode::Legacy);
+        assert_eq!(gdt.descriptors()[3], (9, USER_DS | A.bits()));
+        assert_eq!(gdt.on_fault(NP, 0x48, table), SegmentFault::Guest);
+        let c = gdt.loaded_cache(Selector(0x4b)).expect("loaded");
+        assert_eq!(c.flags, ((USER_DS | A.bits()) >> 32) as u32);
+    }
+
+    #[test]
+    fn fills_stop_when_the_switch_holds_no_more() {
+        let (mut gdt, table) = i386_run();
+        let tls = Descriptor(USER_DS | A.bits());
+        for index in 9..12 {
+            assert!(matches!(
+                gdt.on_fault(GP, u64::from(index) << 3, table),
+                SegmentFault::Read { .. }
+            ));
+            assert_eq!(gdt.fill(index, tls, CpuMode::Legacy), Fill::Installed);
+        }
+        assert_eq!(gdt.descriptors().len(), RUN_DESCRIPTORS);
+        // An index is never filled twice, nor over an entry register's.
+        assert_eq!(gdt.fill(9, tls, CpuMode::Legacy), Fill::Client);
+        assert_eq!(gdt.fill(15, tls, CpuMode::Legacy), Fill::Client);
+        assert_eq!(gdt.on_fault(GP, 12 << 3, table), SegmentFault::Client);
+        assert_eq!(gdt.fill(12, tls, CpuMode::Legacy), Fill::Client);
+        // Beyond the limit is still the guest's.
+        assert_eq!(gdt.on_fault(GP, 40 << 3, table), SegmentFault::Guest);
+    }
+
+    #[test]
+    fn long_mode_fills_keep_no_l_bit_in_legacy_guests() {
+        let (mut gdt, _) = i386_run();
+        let data_with_l = Descriptor(USER_DS | A.bits() | L.bits());
+        assert_eq!(gdt.fill(9, data_with_l, CpuMode::Legacy), Fill::Installed);
+        assert_eq!(gdt.descriptors()[3].1, USER_DS | A.bits());
     }
 
     #[test]

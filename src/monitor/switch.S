@@ -329,18 +329,19 @@ kqemu_switch_exit_common:
     cmpq $2, 0(%rsp)
     je 3f
     cmpq $18, 0(%rsp)
-    je 4f
+    je 3f
     movq 64(%rsp), %rbx
     testq $1, {A_READING_CODE}(%rbx)
     jz 1f
-    /* The read of the guest's code above faulted: resume after it (the
-     * fault's frame took the place of the exit's, which is copied out
-     * already; nothing below reads it). */
-    leaq 7b(%rip), %rax
-    movq %rax, 16(%rsp)
-    andq $~{RFLAGS_AC}, 32(%rsp)
-    addq $16, %rsp
-    iretq
+    /* The read of the guest's code above faulted: resume after it with
+     * AC clear (the STAC before it), on this stack (the fault's frame
+     * took the place of the exit's, which is copied out already; nothing
+     * below reads it). A jump, not IRETQ: an NMI noted in the exit so far
+     * keeps NMIs blocked until the host's handler gets it (see 3: below). */
+    testq ${F_STAC}, {A_FLAGS}(%rbx)
+    jz 7b
+    clac
+    jmp 7b
 1:  /* A fault while loading the guest's state: the run fails. */
     movq 0(%rsp), %rax
     movq %rax, {A_EXIT_VECTOR}(%rbx)
@@ -350,35 +351,78 @@ kqemu_switch_exit_common:
     movq %rax, {A_EXIT_FAULT_RIP}(%rbx)
     movq $1, {A_EXIT_KIND}(%rbx)
     jmp 5f
-3:  /* NMI or machine check in the switch: noted, handed to the host
-     * after the switch back. */
+3:  /* NMI or machine check in the switch (the monitor IDT is loaded). It
+     * goes to the host after the switch back, and until the host's own
+     * NMI handler runs NMIs must stay blocked: the host's handler gets it
+     * through `int $2` on its IST stack, and a second NMI while that
+     * handler runs would restart the same IST stack over its frame
+     * (FreeBSD's handler is not reentrant). The processor blocks NMIs
+     * from the delivery of an NMI until the next IRET, and only IRET
+     * unblocks them (SDM Vol. 3A 6.7.1); so no IRETQ here: the entry is
+     * abandoned for an exit, and the exit resumes through POPFQ+LRETQ.
+     * The same for a machine check: its delivery does not block NMIs, but
+     * an IRETQ after it would unblock the ones an NMI exit (the guest's,
+     * or one noted here) blocked: the frame of that exit on the NMI stack
+     * could then be overwritten by the next NMI while it is read. */
     pushq %rax
-    movq 72(%rsp), %rax
-    orq $1, {A_PENDING}(%rax)
+    pushq %rcx
+    /* 0 RCX, 8 RAX, 16 vector, 24 error code, 32 RIP, 40 CS, 48 RFLAGS,
+     * 56 RSP, 64 SS, 72 host per-CPU pointer, 80 area. */
+    movq 80(%rsp), %rax
+    leaq kqemu_switch_exit_common(%rip), %rcx
+    cmpq %rcx, 32(%rsp)
+    jae 4f
+    /* In the entry: nothing of the guest ran, its state in the area is
+     * intact; the exit reports the vector as if the guest had been
+     * interrupted (kind 2) and the monitor enters again after the host
+     * handled it. Everything the entry changed so far the exit restores
+     * (it does the same after a fault there, kind 1). */
+    movq %rax, %rbx
+    movq 16(%rsp), %rax
+    movq %rax, {A_EXIT_VECTOR}(%rbx)
+    movq $0, {A_EXIT_ERROR}(%rbx)
+    movq $2, {A_EXIT_KIND}(%rbx)
+    jmp 5f
+4:  /* In the exit: noted (bit 0 NMI, bit 1 machine check), then back to
+     * the interrupted instruction. Its RAX, RFLAGS, RIP and CS go below
+     * its RSP, which is an IST stack of this block or the area's
+     * far-return frame (room below for this and a machine check on top of
+     * it): the monitor IDT is loaded only while the exit runs on those,
+     * and it keeps nothing below RSP. POPFQ restores
+     * the flags and AC the interrupted code had (an LRETQ to the same
+     * privilege pops RIP and CS only, SDM Vol. 2B RET). */
+    movl $1, %ecx
+    cmpq $2, 16(%rsp)
+    je 6f
+    movl $2, %ecx
+6:
+    orq %rcx, {A_PENDING}(%rax)
+    movq 56(%rsp), %rax
+    subq $32, %rax
+    movq 8(%rsp), %rcx
+    movq %rcx, 0(%rax)
+    movq 48(%rsp), %rcx
+    movq %rcx, 8(%rax)
+    movq 32(%rsp), %rcx
+    movq %rcx, 16(%rax)
+    movq 40(%rsp), %rcx
+    movq %rcx, 24(%rax)
+    popq %rcx
+    movq %rax, %rsp
     popq %rax
-    addq $16, %rsp
-    iretq
-4:
-    pushq %rax
-    movq 72(%rsp), %rax
-    orq $2, {A_PENDING}(%rax)
-    popq %rax
-    addq $16, %rsp
-    iretq
+    popfq
+    lretq
 
 5:  /* Back to the host: %rbx = area, interrupts disabled. CS is M, or
-     * the host's after a fault before the entry's far return: the copy
-     * goes back first either way, then CS is the host's.
-     * The far return's two words go on the area's own far-return frame,
-     * not on the IST stack the exit runs on: after an exit through an NMI
-     * that stack is IST1, and an #MC stub's IRETQ unblocks NMIs (SDM
-     * Vol. 3A 6.7.1), so a second NMI would start again at IST1's top
-     * and overwrite them. Every monitor gate uses an IST stack, so
-     * nothing else pushes onto that frame while %rsp points at it (the
-     * host's IDT is loaded only after the LRETQ); the host's RSP is no
-     * choice, the host's stack is not mapped under the shadow CR3 still
-     * loaded here. The exit's stack is back in %rsp right after: nothing
-     * below reads what it held. */
+     * the host's after a fault, NMI or machine check before the entry's
+     * far return: the copy goes back first either way, then CS is the
+     * host's.
+     * The far return's two words go on the area's own far-return frame
+     * (a page every exit touches anyway), which has room below them for
+     * the return frames of an NMI and a machine check noted at 3: while
+     * %rsp points at it; the host's stack is no choice, it is not mapped
+     * under the shadow CR3 still loaded here. The exit's stack is back in
+     * %rsp right after: nothing below reads what it held. */
     movq {A_HOST_CS_SLOT}(%rbx), %rcx
     movq {A_HOST_CS_DESC}(%rbx), %rax
     movq %rax, (%rcx)

@@ -15,7 +15,7 @@
 
 use core::cell::UnsafeCell;
 use core::mem::{offset_of, size_of};
-use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use crate::monitor::segments::{MONITOR_GDT_ENTRIES, MONITOR_GDT_FIRST};
 
@@ -44,8 +44,6 @@ const F_FSGSBASE: u64 = 1 << 0;
 const F_READ_CODE: u64 = 1 << 1;
 const F_STAC: u64 = 1 << 2;
 const F_VERW: u64 = 1 << 3;
-/// RFLAGS.AC (SDM Vol. 1 3.4.3).
-const RFLAGS_AC: u64 = 1 << 18;
 /// CR4.SMAP, CR4.PCIDE and CR4.PGE (SDM Vol. 3A 2.5).
 const CR4_SMAP: u64 = 1 << 21;
 const CR4_PCIDE: u64 = 1 << 17;
@@ -100,6 +98,10 @@ const IST_MACHINE_CHECK: u8 = 3;
 const IST_EXIT: u8 = 4;
 /// Stacks in the block: NMI, #DF, #MC, exit (IST 1-4 in order).
 const STACKS: usize = 4;
+/// Words of the exit's far-return frame: RIP and CS, below them the
+/// return frames (RAX, RFLAGS, RIP, CS) of an NMI and of a machine check
+/// that interrupts the NMI's return (switch.S 4:).
+const FAR_FRAME_WORDS: usize = 2 + 4 + 4;
 
 /// GDT index of the monitor TSS descriptor (16 bytes: two entries).
 const TSS_INDEX: u16 = MONITOR_GDT_FIRST;
@@ -226,10 +228,12 @@ pub struct SwitchArea {
     pub exit_error: u64,
     pub exit_cr2: u64,
     /// 0: the guest exited from CPL 3; 1: a fault at CPL 0 while the
-    /// guest's state was being loaded.
+    /// guest's state was being loaded; 2: an NMI or machine check
+    /// (`exit_vector`) in the entry, which was abandoned before the guest
+    /// ran.
     pub exit_kind: u64,
     pub exit_fault_rip: u64,
-    /// Bit 0: an NMI, bit 1: a machine check arrived inside the switch.
+    /// Bit 0: an NMI, bit 1: a machine check arrived in the exit.
     pub pending: u64,
     /// The two bytes at CS:RIP of a #UD or #GP exit (little endian) when
     /// `exit_code_len` is 2, read while the guest's mapping was loaded.
@@ -241,8 +245,10 @@ pub struct SwitchArea {
     /// (those of the guest's #DB: the run starts with them clear).
     pub exit_dr6: u64,
     /// The exit's far return to the host's CS pops its RIP and CS from
-    /// here (switch.S: a stack no interrupt shares).
-    pub far_frame: [u64; 2],
+    /// the last two words (switch.S: a stack no interrupt shares); the
+    /// words below are room for the return frames (four words each) of
+    /// an NMI and a machine check taken meanwhile.
+    pub far_frame: [u64; FAR_FRAME_WORDS],
 }
 
 impl SwitchArea {
@@ -374,7 +380,7 @@ core::arch::global_asm!(
     A_HOST_DR7 = const offset_of!(SwitchArea, host_dr7),
     A_HOST_DR6 = const offset_of!(SwitchArea, host_dr6),
     A_EXIT_DR6 = const offset_of!(SwitchArea, exit_dr6),
-    A_FAR_FRAME_END = const offset_of!(SwitchArea, far_frame) + size_of::<[u64; 2]>(),
+    A_FAR_FRAME_END = const offset_of!(SwitchArea, far_frame) + size_of::<[u64; FAR_FRAME_WORDS]>(),
     A_GUEST_RIP = const offset_of!(SwitchArea, rip),
     A_EXIT_VECTOR = const offset_of!(SwitchArea, exit_vector),
     A_EXIT_ERROR = const offset_of!(SwitchArea, exit_error),
@@ -396,7 +402,6 @@ core::arch::global_asm!(
     F_READ_CODE = const F_READ_CODE,
     F_STAC = const F_STAC,
     F_VERW = const F_VERW,
-    RFLAGS_AC = const RFLAGS_AC,
     DR7_ENABLE_MASK = const DR7_ENABLE_MASK,
     DR6_STATUS = const DR6_STATUS,
     DR6_INIT = const DR6_INIT,
@@ -1021,7 +1026,9 @@ pub struct Exit {
     /// The guest's state could not be loaded (a ring-0 fault in the
     /// switch): nothing of the guest ran.
     pub entry_failed: bool,
-    /// An NMI or machine check arrived inside the switch.
+    /// An NMI or machine check arrived in the exit, with the monitor's IDT
+    /// loaded (one in the entry abandons it: the exit then has its vector,
+    /// as if it had come in guest mode, and nothing of the guest ran).
     pub pending_nmi: bool,
     pub pending_mc: bool,
     /// The [`DR6_STATUS`] bits a #DB exit (vector 1) set: what the
@@ -1175,7 +1182,7 @@ impl CpuSwitcher {
         ] {
             *slot = 0;
         }
-        a.exit_kind = 0;
+        a.exit_kind = EXIT_GUEST;
         a.pending = 0;
         a.exit_dr6 = 0;
         let area: *mut SwitchArea = a;
@@ -1183,15 +1190,76 @@ impl CpuSwitcher {
         // valid; the area and tables live in this CPU's block.
         unsafe { kqemu_switch_run(area) };
         let a = &self.block().area.area;
-        Exit {
+        let exit = Exit {
             vector: a.exit_vector as u8,
             error_code: a.exit_error,
             cr2: a.exit_cr2,
-            entry_failed: a.exit_kind != 0,
-            pending_nmi: a.pending & 1 != 0,
-            pending_mc: a.pending & 2 != 0,
+            entry_failed: a.exit_kind == EXIT_ENTRY_FAULT,
+            pending_nmi: a.pending & PENDING_NMI != 0,
+            pending_mc: a.pending & PENDING_MC != 0,
             dr6: a.exit_dr6,
+        };
+        NMI_STATISTICS.count(a.exit_kind, &exit);
+        exit
+    }
+}
+
+/// `SwitchArea::exit_kind` (switch.S).
+const EXIT_GUEST: u64 = 0;
+const EXIT_ENTRY_FAULT: u64 = 1;
+const EXIT_ENTRY_ABANDONED: u64 = 2;
+/// `SwitchArea::pending` bits (switch.S).
+const PENDING_NMI: u64 = 1 << 0;
+const PENDING_MC: u64 = 1 << 1;
+
+/// Where the NMIs that reached the monitor's IDT arrived, over all runs
+/// on all CPUs (for tests: the testbed's NMI storm checks that each kind
+/// happens and changes nothing the guest sees).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NmiCounts {
+    /// In guest mode: the exit's vector is 2.
+    pub guest: u64,
+    /// In the entry, after the monitor's IDT was loaded: the entry was
+    /// abandoned.
+    pub entry: u64,
+    /// In the exit, before the host's IDT was loaded: noted as pending.
+    pub exit: u64,
+}
+
+struct NmiStatistics {
+    guest: AtomicU64,
+    entry: AtomicU64,
+    exit: AtomicU64,
+}
+
+static NMI_STATISTICS: NmiStatistics = NmiStatistics {
+    guest: AtomicU64::new(0),
+    entry: AtomicU64::new(0),
+    exit: AtomicU64::new(0),
+};
+
+impl NmiStatistics {
+    fn count(&self, kind: u64, exit: &Exit) {
+        let counter = match (kind, exit.vector) {
+            (EXIT_GUEST, VECTOR_NMI) => Some(&self.guest),
+            (EXIT_ENTRY_ABANDONED, VECTOR_NMI) => Some(&self.entry),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
         }
+        if exit.pending_nmi {
+            self.exit.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The NMIs the monitor's IDT took so far.
+pub fn nmi_counts() -> NmiCounts {
+    NmiCounts {
+        guest: NMI_STATISTICS.guest.load(Ordering::Relaxed),
+        entry: NMI_STATISTICS.entry.load(Ordering::Relaxed),
+        exit: NMI_STATISTICS.exit.load(Ordering::Relaxed),
     }
 }
 
@@ -1316,7 +1384,7 @@ pub fn interrupts_restore(flags: u64) {
 ///
 /// The host's IDT, GDT, TSS and GS base are loaded, and the host has a
 /// handler for `vector`.
-pub unsafe fn reraise(vector: u8) {
+unsafe fn reraise(vector: u8) {
     let table = core::ptr::addr_of!(kqemu_reraise_table) as u64;
     let target = table + u64::from(vector) * 4;
     // SAFETY: the entry is `int $vector; ret`; the caller guarantees the
@@ -1327,10 +1395,67 @@ pub unsafe fn reraise(vector: u8) {
     }
 }
 
+/// Hands what the run took for the host (an NMI, a machine check, an
+/// external interrupt, in guest mode or inside the switch) to the host's
+/// own handlers, right after the switch back.
+///
+/// The NMI first: after one, NMIs stay blocked until the next IRET (SDM
+/// Vol. 3A 6.7.1; switch.S never executes one after it), so the host's NMI
+/// handler, entered with `int $2`, runs with them blocked as after a real
+/// NMI, and its own IRETQ unblocks them; any other handler's IRETQ before
+/// it would let a second NMI restart its IST stack under it.
+///
+/// # Safety
+///
+/// As [`reraise`], for each vector handed over.
+pub unsafe fn hand_to_host(exit: &Exit) {
+    let from_run = |vector: u8| !exit.entry_failed && exit.vector == vector;
+    if exit.pending_nmi || from_run(VECTOR_NMI) {
+        // SAFETY: the caller's contract.
+        unsafe { reraise(VECTOR_NMI) };
+    }
+    if exit.pending_mc || from_run(VECTOR_MACHINE_CHECK) {
+        // SAFETY: the caller's contract.
+        unsafe { reraise(VECTOR_MACHINE_CHECK) };
+    }
+    if !exit.entry_failed && exit.vector >= FIRST_EXTERNAL_VECTOR {
+        // SAFETY: the caller's contract.
+        unsafe { reraise(exit.vector) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::vec;
+
+    #[test]
+    fn nmi_statistics_tell_guest_mode_entry_and_exit_apart() {
+        let stats = NmiStatistics {
+            guest: AtomicU64::new(0),
+            entry: AtomicU64::new(0),
+            exit: AtomicU64::new(0),
+        };
+        let exit = |vector, pending_nmi| Exit {
+            vector,
+            error_code: 0,
+            cr2: 0,
+            entry_failed: false,
+            pending_nmi,
+            pending_mc: false,
+            dr6: 0,
+        };
+        // An NMI in guest mode, one that abandoned the entry, one noted in
+        // the exit of a timer interrupt; a machine check abandoning the
+        // entry and a page fault count nowhere.
+        stats.count(EXIT_GUEST, &exit(VECTOR_NMI, false));
+        stats.count(EXIT_ENTRY_ABANDONED, &exit(VECTOR_NMI, false));
+        stats.count(EXIT_GUEST, &exit(FIRST_EXTERNAL_VECTOR, true));
+        stats.count(EXIT_ENTRY_ABANDONED, &exit(VECTOR_MACHINE_CHECK, false));
+        stats.count(EXIT_GUEST, &exit(14, false));
+        let got = [&stats.guest, &stats.entry, &stats.exit].map(|c| c.load(Ordering::Relaxed));
+        assert_eq!(got, [1, 1, 1]);
+    }
 
     #[test]
     fn md_clear_is_edx_bit_10_of_leaf_7_when_it_exists() {

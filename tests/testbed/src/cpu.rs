@@ -5,15 +5,77 @@ use crate::trap::{self, KERNEL_CS, KERNEL_DS, USER_CS32, USER_DS, VECTOR_INT80};
 use crate::x86::{self, cpuid};
 use core::arch::asm;
 use core::ptr::addr_of_mut;
+use core::sync::atomic::{AtomicBool, Ordering};
 
-/// GDT layout. Entries 3..5 follow the order SYSRET expects from
-/// IA32_STAR[63:48] (SDM vol. 3, 5.8.8): 32-bit code, data, 64-bit code.
-/// Entries 6..8 are the i386 TLS slots, as on Linux i386
-/// (GDT_ENTRY_TLS_MIN = 6), so programs' `%gs` selectors match.
-const GDT_TLS_FIRST: usize = 6;
-const GDT_TSS: usize = 9;
-const GDT_ENTRIES: usize = 11;
-const TSS_SELECTOR: u16 = (GDT_TSS * 8) as u16;
+/// The GDT the kernel runs with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum GdtLayout {
+    /// The testbed's own (native mode): kernel code and data
+    /// at 1..2; user segments at 3..5 in the order SYSRET expects from
+    /// IA32_STAR[63:48] (SDM vol. 3, 5.8.8): 32-bit code, data, 64-bit
+    /// code; the i386 TLS slots at 6..8, as on Linux i386
+    /// (GDT_ENTRY_TLS_MIN = 6), so programs' `%gs` selectors match; the
+    /// TSS at 9..10.
+    Testbed,
+    /// FreeBSD amd64's (monitor and kld modes; sys/x86/include/segments.h, !__i386__):
+    /// GCODE_SEL 4, GDATA_SEL 5, GUCODE32_SEL 6, GUDATA_SEL 7, GUCODE_SEL 8,
+    /// GPROC0_SEL 9 (two slots), GUSERLDT_SEL 11 (two, left null), NGDT 13.
+    /// The module then meets what it meets on FreeBSD: the host CS has
+    /// index 4, that of Linux's __USER32_CS 0x23, the CS of i386 guests.
+    FreeBsd,
+}
+
+/// Where a layout puts each segment.
+struct Selectors {
+    kernel_cs: u16,
+    kernel_ds: u16,
+    user_cs32: u16,
+    user_ds: u16,
+    user_cs64: u16,
+    tss: usize,
+    tls_first: Option<usize>,
+    entries: usize,
+}
+
+/// [`GdtLayout::Testbed`] (the selectors of trap.rs).
+const TESTBED_GDT: Selectors = Selectors {
+    kernel_cs: KERNEL_CS,
+    kernel_ds: KERNEL_DS,
+    user_cs32: USER_CS32,
+    user_ds: USER_DS,
+    user_cs64: trap::USER_CS64,
+    tss: 9,
+    tls_first: Some(6),
+    entries: 11,
+};
+
+/// RPL 3 of a user selector.
+const RPL_USER: u16 = 3;
+/// [`GdtLayout::FreeBsd`]: GSEL(GCODE_SEL, SEL_KPL) and so on.
+const FREEBSD_GDT: Selectors = Selectors {
+    kernel_cs: 4 << 3,
+    kernel_ds: 5 << 3,
+    user_cs32: 6 << 3 | RPL_USER,
+    user_ds: 7 << 3 | RPL_USER,
+    user_cs64: 8 << 3 | RPL_USER,
+    tss: 9,
+    tls_first: None,
+    entries: 13,
+};
+
+/// Room for the larger layout.
+const GDT_ENTRIES: usize = 13;
+
+/// The layout loaded: FreeBSD's once [`init_tables`] loaded it.
+static FREEBSD_LAYOUT: AtomicBool = AtomicBool::new(false);
+
+fn selectors() -> &'static Selectors {
+    if FREEBSD_LAYOUT.load(Ordering::Relaxed) {
+        &FREEBSD_GDT
+    } else {
+        &TESTBED_GDT
+    }
+}
 
 const DESC_KERNEL_CODE64: u64 = 0x00af_9a00_0000_ffff;
 const DESC_KERNEL_DATA: u64 = 0x00cf_9200_0000_ffff;
@@ -230,7 +292,7 @@ fn tss_descriptor(base: u64) -> (u64, u64) {
 fn set_gate(vector: usize, handler: u64, attributes: u8, ist: u8) {
     let entry = IdtEntry {
         offset_low: handler as u16,
-        selector: KERNEL_CS,
+        selector: selectors().kernel_cs,
         ist,
         attributes,
         offset_mid: (handler >> 16) as u16,
@@ -241,17 +303,35 @@ fn set_gate(vector: usize, handler: u64, attributes: u8, ist: u8) {
     unsafe { (*addr_of_mut!(IDT))[vector] = entry };
 }
 
-/// Loads the GDT, TSS and IDT, and the SYSCALL MSRs.
-pub fn init_tables() {
-    // SAFETY: init runs once on the only CPU with interrupts off; the
-    // tables are statics that live forever.
+/// Loads the GDT of `layout`, the TSS and IDT, and the SYSCALL MSRs. Kld
+/// mode calls it again for FreeBSD's layout before anything runs at
+/// ring 3 or in the module.
+pub fn init_tables(layout: GdtLayout) {
+    let old = selectors();
+    FREEBSD_LAYOUT.store(layout == GdtLayout::FreeBsd, Ordering::Relaxed);
+    let sel = selectors();
+    let index = |selector: u16| usize::from(selector >> 3);
+    let mut table = [0u64; GDT_ENTRIES];
+    table[index(sel.kernel_cs)] = DESC_KERNEL_CODE64;
+    table[index(sel.kernel_ds)] = DESC_KERNEL_DATA;
+    table[index(sel.user_cs32)] = DESC_USER_CODE32;
+    table[index(sel.user_ds)] = DESC_USER_DATA;
+    table[index(sel.user_cs64)] = DESC_USER_CODE64;
+    // An NMI (IF is clear, nothing else comes) enters through gates that
+    // name the old kernel CS until they are rewritten below, and returns
+    // to whichever CS it interrupted: the old kernel entries keep their
+    // descriptors until then (the testbed's 1..2, which FreeBSD's layout
+    // leaves null, GNULL2_SEL and GUFS32_SEL).
+    let mut loading = table;
+    loading[index(old.kernel_cs)] = DESC_KERNEL_CODE64;
+    loading[index(old.kernel_ds)] = DESC_KERNEL_DATA;
+    // SAFETY: runs at boot (and once more before the kld run) on the only
+    // CPU with interrupts off; no segment register of the kernel names an
+    // entry that changes meaning (the old kernel ones stay as they are);
+    // the tables are statics that live forever.
     unsafe {
         let gdt = &mut *addr_of_mut!(GDT);
-        gdt[1] = DESC_KERNEL_CODE64;
-        gdt[2] = DESC_KERNEL_DATA;
-        gdt[3] = DESC_USER_CODE32;
-        gdt[4] = DESC_USER_DATA;
-        gdt[5] = DESC_USER_CODE64;
+        *gdt = loading;
         let tss = &mut *addr_of_mut!(TSS);
         tss.rsp[0] = trap::rsp0_top();
         let stacks = &*addr_of_mut!(IST_STACKS);
@@ -260,12 +340,13 @@ pub fn init_tables() {
         }
         // No I/O permission bitmap: ring 3 gets no port (IOPL 0).
         tss.iopb_offset = core::mem::size_of::<Tss>() as u16;
+        // A fresh descriptor (not busy): LTR of the new layout's loads.
         let (low, high) = tss_descriptor(addr_of_mut!(TSS) as u64);
-        gdt[GDT_TSS] = low;
-        gdt[GDT_TSS + 1] = high;
+        gdt[sel.tss] = low;
+        gdt[sel.tss + 1] = high;
 
         let gdtr = TablePointer {
-            limit: (GDT_ENTRIES * 8 - 1) as u16,
+            limit: (sel.entries * 8 - 1) as u16,
             base: gdt.as_ptr() as u64,
         };
         asm!(
@@ -280,9 +361,9 @@ pub fn init_tables() {
             "mov ss, {ds:x}",
             "ltr {tss:x}",
             gdtr = in(reg) &gdtr,
-            cs = in(reg) u64::from(KERNEL_CS),
-            ds = in(reg) u64::from(KERNEL_DS),
-            tss = in(reg) u64::from(TSS_SELECTOR),
+            cs = in(reg) u64::from(sel.kernel_cs),
+            ds = in(reg) u64::from(sel.kernel_ds),
+            tss = in(reg) (sel.tss * 8) as u64,
             tmp = out(reg) _,
         );
     }
@@ -298,20 +379,25 @@ pub fn init_tables() {
         };
         set_gate(vector, trap::stub_address(vector), attributes, ist);
     }
-    // SAFETY: the IDT is a static that lives forever.
+    // SAFETY: the IDT is a static that lives forever. The gates name the
+    // new kernel CS, which is loaded: the old entries can go now.
     unsafe {
         let idtr = TablePointer {
             limit: (256 * 16 - 1) as u16,
             base: addr_of_mut!(IDT) as u64,
         };
         asm!("lidt [{}]", in(reg) &idtr, options(nostack, preserves_flags));
+        let gdt = &mut *addr_of_mut!(GDT);
+        for i in [index(old.kernel_cs), index(old.kernel_ds)] {
+            gdt[i] = table[i];
+        }
     }
 
     // SAFETY: STAR selects the GDT's kernel and user selectors in SYSRET
     // order; LSTAR is the SYSCALL entry; FMASK clears IF (the kernel runs
     // with interrupts off), TF, DF (the ABI wants DF clear), AC and NT.
     unsafe {
-        let star = (u64::from(USER_CS32 & !3) | 3) << 48 | u64::from(KERNEL_CS) << 32;
+        let star = u64::from(sel.user_cs32) << 48 | u64::from(sel.kernel_cs) << 32;
         x86::wrmsr(x86::MSR_STAR, star);
         x86::wrmsr(x86::MSR_LSTAR, trap::syscall_entry as *const () as u64);
         x86::wrmsr(x86::MSR_CSTAR, trap::syscall_entry as *const () as u64);
@@ -329,12 +415,22 @@ pub fn init_tables() {
 
 /// Writes the three i386 TLS descriptors of the process about to run.
 pub fn set_tls_descriptors(descriptors: [u64; 3]) {
+    let Some(first) = selectors().tls_first else {
+        crate::fail(format_args!(
+            "i386 TLS descriptors with FreeBSD's GDT (kld mode runs amd64 programs only)"
+        ))
+    };
     // SAFETY: single CPU, kernel context; the slots are not loaded in any
     // kernel segment register.
     unsafe {
         let gdt = &mut *addr_of_mut!(GDT);
-        gdt[GDT_TLS_FIRST..GDT_TLS_FIRST + 3].copy_from_slice(&descriptors);
+        gdt[first..first + 3].copy_from_slice(&descriptors);
     }
+}
+
+/// The flat user data selector (DS/ES/SS of 64-bit programs).
+pub fn user_data_selector() -> u16 {
+    selectors().user_ds
 }
 
 /// What an RPL-3 GDT selector names: the flat user data segment, or a
@@ -349,10 +445,12 @@ fn user_segment(selector: u16) -> Option<UserSegment> {
         return None;
     }
     let index = usize::from(selector >> 3);
-    if index == usize::from(USER_DS >> 3) {
+    let sel = selectors();
+    if index == usize::from(sel.user_ds >> 3) {
         return Some(UserSegment::FlatData);
     }
-    if !(GDT_TLS_FIRST..GDT_TLS_FIRST + 3).contains(&index) {
+    let first = sel.tls_first?;
+    if !(first..first + 3).contains(&index) {
         return None;
     }
     // SAFETY: single CPU; reading our own GDT.
@@ -395,9 +493,10 @@ pub fn user_stack_selector_ok(selector: u16) -> bool {
 /// Selector of the user code segment for a 32-bit (compatibility mode)
 /// or 64-bit process.
 pub fn user_code_selector(compat: bool) -> u16 {
+    let sel = selectors();
     if compat {
-        USER_CS32
+        sel.user_cs32
     } else {
-        trap::USER_CS64
+        sel.user_cs64
     }
 }

@@ -16,11 +16,13 @@ const EXIT_COMPLETED: u32 = 33;
 const EXIT_TESTBED_FAILURE: u32 = 17;
 
 pub fn completed() -> ! {
+    crate::nmi::report();
     outl(DEBUG_EXIT_PORT, EXIT_COMPLETED);
     halt_forever()
 }
 
 pub fn failure() -> ! {
+    crate::nmi::report();
     outl(DEBUG_EXIT_PORT, EXIT_TESTBED_FAILURE);
     halt_forever()
 }

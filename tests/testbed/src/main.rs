@@ -18,6 +18,7 @@ mod initrd;
 mod mem;
 mod monitor;
 mod native;
+mod nmi;
 mod pvh;
 mod serial;
 mod timer;
@@ -55,7 +56,7 @@ pub extern "C" fn kmain(start_info: u64) -> ! {
     let space = mem::build_kernel_space(&mut frames, &paging)
         .unwrap_or_else(|e| fail(format_args!("page tables: {e:?}")));
     cpu::enable_features(&mut features);
-    cpu::init_tables();
+    cpu::init_tables(cpu::GdtLayout::Testbed);
 
     let heap_size = frames.free_bytes() * HEAP_PERCENT / 100;
     let heap_phys = frames
@@ -85,6 +86,13 @@ pub extern "C" fn kmain(start_info: u64) -> ! {
         .or(features.tsc_khz_cpuid);
     let clock = timer::Clock::start(features.apic, tsc_hint)
         .unwrap_or_else(|e| fail(format_args!("timer: {e:?}")));
+    if let Some(hz) = info
+        .cmdline_value("nmi")
+        .and_then(|v| v.parse().ok())
+        .filter(|&hz: &u64| hz > 0)
+    {
+        nmi::start(hz);
+    }
     log!(
         "testbed: nx={} pge={} smep={} smap={} umip={} fsgsbase={} xsave={} xcr0={:#x} fpu_area={} tsc={}kHz({})",
         features.nx,
@@ -122,6 +130,8 @@ pub extern "C" fn kmain(start_info: u64) -> ! {
     let config = initrd::Config::parse(config_bytes).unwrap_or_else(|e| fail(format_args!("{e}")));
     let channel = Rc::new(RefCell::new(channel::Channel::open(shared_memory, staging)));
     if config.mode == initrd::Mode::Kld {
+        // The module is a FreeBSD kernel's: it runs on FreeBSD's GDT.
+        cpu::init_tables(cpu::GdtLayout::FreeBsd);
         let run = freebsd::KldRun {
             config: &config,
             features,
@@ -135,6 +145,10 @@ pub extern "C" fn kmain(start_info: u64) -> ! {
         }
     }
     if config.mode == initrd::Mode::Monitor {
+        // FreeBSD's GDT too: the host CS has index 4, that of the CS 0x23
+        // of i386 guests under a long-mode guest OS, so the world switch
+        // meets the clash it meets on FreeBSD.
+        cpu::init_tables(cpu::GdtLayout::FreeBsd);
         let run = monitor::MonitorRun {
             config: &config,
             features,

@@ -32,7 +32,7 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
 use kqemu::abi::{
     ioc_len, KqemuCpuState, KqemuInit, KqemuPhysMem, Pod, KQEMU_EXEC, KQEMU_INIT, KQEMU_IO_MEM_RAM,
-    KQEMU_RET_EXCEPTION, KQEMU_RET_INTR, KQEMU_SET_PHYS_MEM,
+    KQEMU_RET_EXCEPTION, KQEMU_RET_INTR, KQEMU_RET_SOFTMMU, KQEMU_SET_PHYS_MEM,
 };
 use kqemu::device::OpenFile;
 use kqemu::error::{Error, Result as KResult};
@@ -77,113 +77,6 @@ const VECTOR_DEBUG: i32 = 1;
 /// EFLAGS.TF (SDM Vol. 1 3.4.3) and DR6.BS (SDM Vol. 3B 18.2.3).
 const EFLAGS_TF: u64 = 1 << 8;
 const DR6_BS: u64 = 1 << 14;
-
-/// FreeBSD's kernel CS (GCODE_SEL 4, RPL 0), whose index is that of Linux
-/// x86_64's __USER32_CS 0x23, the CS of every i386 program under a
-/// long-mode guest. This kernel's own CS is 0x08, so EXEC runs on 0x20
-/// (see [`on_freebsd_cs`]): the world switch then meets the clash the
-/// kld meets on FreeBSD.
-const FREEBSD_KERNEL_CS: u16 = 0x20;
-/// The GDT index this kernel's own CS has (trap.rs KERNEL_CS).
-const KERNEL_CS_INDEX: usize = (crate::trap::KERNEL_CS >> 3) as usize;
-
-/// Runs `f` with CS = [`FREEBSD_KERNEL_CS`], the GDT entry it names
-/// holding a copy of this kernel's code descriptor meanwhile. That entry
-/// is the native runner's user data segment, which nothing loads in
-/// monitor mode (no code of this kernel runs at ring 3 here). The IDT's
-/// gates name it too meanwhile, as FreeBSD's name its kernel CS: the
-/// world switch refuses a host whose #DB, NMI, #DF and #MC gates name
-/// another selector than the CS it is entered on. Both selectors are
-/// valid throughout, so an interrupt at any point runs and returns.
-fn on_freebsd_cs<R>(f: impl FnOnce() -> R) -> R {
-    let mut gdtr = [0u8; 10];
-    // SAFETY: SGDT stores 10 bytes into `gdtr`.
-    unsafe { core::arch::asm!("sgdt [{}]", in(reg) gdtr.as_mut_ptr(), options(nostack)) };
-    let limit = usize::from(u16::from_le_bytes([gdtr[0], gdtr[1]]));
-    let mut base = [0u8; 8];
-    base.copy_from_slice(&gdtr[2..]);
-    let gdt = u64::from_le_bytes(base) as *mut u64;
-    let index = usize::from(FREEBSD_KERNEL_CS >> 3);
-    if limit < index * 8 + 7 {
-        crate::fail(format_args!(
-            "GDT limit {limit:#x}: no entry for CS {FREEBSD_KERNEL_CS:#x}"
-        ));
-    }
-    // SAFETY: both entries lie inside the loaded GDT (limit checked), a
-    // static of this kernel; the switch entry is not loaded in any
-    // segment register (only ring-3 code of the native runner uses it).
-    let saved = unsafe {
-        let saved = gdt.add(index).read_volatile();
-        gdt.add(index)
-            .write_volatile(gdt.add(KERNEL_CS_INDEX).read_volatile());
-        saved
-    };
-    // SAFETY: the GDT entry of FREEBSD_KERNEL_CS holds the kernel's code
-    // descriptor from here until the gates name KERNEL_CS again.
-    unsafe { retarget_gates(FREEBSD_KERNEL_CS) };
-    // SAFETY: a far return to a copy of the running code descriptor at
-    // the same privilege level (SDM Vol. 2B RET): only CS changes.
-    unsafe { far_return_to(FREEBSD_KERNEL_CS) };
-    let result = f();
-    // SAFETY: back onto this kernel's own CS and gates, then the entry
-    // back.
-    unsafe {
-        far_return_to(crate::trap::KERNEL_CS);
-        retarget_gates(crate::trap::KERNEL_CS);
-        gdt.add(index).write_volatile(saved);
-    }
-    result
-}
-
-/// Makes every gate of the loaded IDT name `selector` (bits 31:16 of a
-/// 16-byte gate, SDM Vol. 3A 6.14.1).
-///
-/// # Safety
-///
-/// `selector` names a 64-bit DPL-0 code descriptor of the loaded GDT as
-/// long as the gates name it.
-unsafe fn retarget_gates(selector: u16) {
-    const SELECTOR_SHIFT: u32 = 16;
-    let mut idtr = [0u8; 10];
-    // SAFETY: SIDT stores 10 bytes into `idtr`.
-    unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack)) };
-    let gates = (usize::from(u16::from_le_bytes([idtr[0], idtr[1]])) + 1) / 16;
-    let mut base = [0u8; 8];
-    base.copy_from_slice(&idtr[2..]);
-    let idt = u64::from_le_bytes(base) as *mut u64;
-    for gate in 0..gates {
-        // SAFETY: the gate lies inside the loaded IDT (its limit), a
-        // static of this kernel (cpu.rs); one aligned 8-byte write, so an
-        // interrupt meanwhile finds the old gate or the new one, each
-        // naming a valid code descriptor (the caller's guarantee).
-        unsafe {
-            let low = idt.add(2 * gate);
-            let old = low.read_volatile();
-            let new = old & !(0xffff << SELECTOR_SHIFT) | u64::from(selector) << SELECTOR_SHIFT;
-            low.write_volatile(new);
-        }
-    }
-}
-
-/// Reloads CS with `selector` by a far return.
-///
-/// # Safety
-///
-/// `selector` names a 64-bit DPL-0 code descriptor of the loaded GDT.
-unsafe fn far_return_to(selector: u16) {
-    // SAFETY: the caller's guarantee; the pushes are popped by RETFQ.
-    unsafe {
-        core::arch::asm!(
-            "push {sel}",
-            "lea {tmp}, [rip + 2f]",
-            "push {tmp}",
-            "retfq",
-            "2:",
-            sel = in(reg) u64::from(selector),
-            tmp = out(reg) _,
-        )
-    };
-}
 
 /// Loads DR0 and DR7.
 ///
@@ -321,6 +214,9 @@ struct TestbedCpu<'f> {
     start: Option<u64>,
     trapped_at: u64,
     execs: u64,
+    /// EXECs that answered KQEMU_RET_SOFTMMU (the suite checks programs
+    /// that must run without any).
+    softmmu: u64,
     /// [`HOST_DR7_CHECK`]: the check is still to be made, at this address
     /// (the first EXEC's RIP).
     host_breakpoint: bool,
@@ -349,7 +245,7 @@ impl ExecCpu for TestbedCpu<'_> {
         }
         let dr6 = read_dr6();
         let entered = x86::rdtsc();
-        let done = on_freebsd_cs(|| ioctl(self.file, KQEMU_EXEC, state));
+        let done = ioctl(self.file, KQEMU_EXEC, state);
         let dr6_after = read_dr6();
         if dr6_after != dr6 {
             crate::fail(format_args!(
@@ -394,6 +290,9 @@ impl ExecCpu for TestbedCpu<'_> {
         }
         done?;
         self.execs += 1;
+        if state.retval == KQEMU_RET_SOFTMMU {
+            self.softmmu += 1;
+        }
         self.trapped_at = x86::rdtsc();
         self.runs.end(switched, self.trapped_at - entered);
         Ok(())
@@ -481,6 +380,7 @@ impl MonitorRun<'_> {
             start: None,
             trapped_at: 0,
             execs: 0,
+            softmmu: 0,
             host_breakpoint: self.config.envp.iter().any(|e| e == HOST_DR7_CHECK),
             breakpoint_at: None,
         };
@@ -520,7 +420,7 @@ impl MonitorRun<'_> {
                 return Err(NativeError::Channel);
             }
         }
-        let (start, execs, runs) = (cpu.start, cpu.execs, cpu.runs);
+        let (start, execs, runs, softmmu) = (cpu.start, cpu.execs, cpu.runs, cpu.softmmu);
         let stop = end.unwrap_or_else(x86::rdtsc);
         let cycles = start.map_or(0, |s| stop - s);
         let status = if timed_out {
@@ -533,6 +433,7 @@ impl MonitorRun<'_> {
             linux.exit_status().ok_or(NativeError::NoStatus)?
         };
         log!("testbed: monitor: pid 1 status {status}, {cycles} cycles, {execs} EXECs");
+        log!("testbed: monitor: {softmmu} SOFTMMU exits");
         log!("testbed: {runs}");
         let channel = channel.borrow();
         for path in &self.config.outs {

@@ -9,7 +9,8 @@
 //! the hardware frame, then resumes the kernel right after its call to
 //! [`enter_user`]. The kernel then reads the whole user state from
 //! [`USER_FRAME`]. Traps taken in ring 0 are kernel bugs and end the run,
-//! as do NMI, #DF and #MC, which run on their own IST stacks.
+//! as do NMI, #DF and #MC, which run on their own IST stacks; during an
+//! NMI storm (nmi.rs) the NMI handler counts and returns instead.
 
 use core::arch::global_asm;
 
@@ -127,7 +128,9 @@ global_asm!(
     push $0
     .endif
     push $vec
-    .if (vec == 2) || (vec == 8) || (vec == 18)
+    .if vec == 2
+    jmp trap_nmi
+    .elseif (vec == 8) || (vec == 18)
     jmp trap_ist
     .else
     jmp trap_common
@@ -214,6 +217,17 @@ global_asm!(
     call {fatal_trap}
     ud2
 
+    /* NMI, on IST1: the per-CPU word sits right above the hardware frame
+       (nmi.rs). Nothing here touches the stack the NMI interrupted. */
+    trap_nmi:
+    cld
+    push_regs
+    mov %rsp, %rdi
+    call {nmi_trap}
+    pop_regs
+    add $16, %rsp
+    iretq
+
     .macro save_kernel
     push %rbx
     push %rbp
@@ -260,6 +274,7 @@ global_asm!(
     cs_off = const FRAME_CS_OFFSET,
     kernel_trap = sym kernel_trap,
     fatal_trap = sym fatal_trap,
+    nmi_trap = sym nmi_trap,
     options(att_syntax)
 );
 
@@ -279,9 +294,22 @@ extern "C" fn kernel_trap(frame: &mut TrapFrame) {
     report_fatal("kernel trap", frame);
 }
 
-/// NMI, #DF, #MC: print and fail, whatever ring they came from.
+/// #DF, #MC: print and fail, whatever ring they came from.
 extern "C" fn fatal_trap(frame: &mut TrapFrame) -> ! {
     report_fatal("fatal trap", frame);
+}
+
+/// NMI: counted during an NMI storm (nmi.rs), else fatal like #DF and #MC.
+extern "C" fn nmi_trap(frame: &mut TrapFrame) {
+    let above = (frame as *const TrapFrame).wrapping_add(1) as *const u64;
+    // SAFETY: the word above the hardware frame is the per-CPU word of
+    // the IST stack this handler runs on (nmi.rs), or, without a storm,
+    // the first word past this kernel's NMI stack (cpu.rs: the bottom of
+    // the next IST stack), mapped; only read.
+    let pcpu = unsafe { above.read() };
+    if !crate::nmi::host_nmi(frame, pcpu) {
+        report_fatal("fatal trap", frame);
+    }
 }
 
 fn report_fatal(what: &str, f: &TrapFrame) -> ! {

@@ -6,9 +6,7 @@
 use crate::cpu::{self, Features};
 use crate::fpu::FpuStates;
 use crate::timer::Clock;
-use crate::trap::{
-    self, TrapFrame, USER_DS, VECTOR_INT80, VECTOR_SPURIOUS, VECTOR_SYSCALL, VECTOR_TIMER,
-};
+use crate::trap::{self, TrapFrame, VECTOR_INT80, VECTOR_SPURIOUS, VECTOR_SYSCALL, VECTOR_TIMER};
 use crate::x86::{self, RFLAGS_AC, RFLAGS_DF, RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_TF};
 use core::arch::asm;
 use kqemu_client::{Arch, Trap, UserContext};
@@ -126,7 +124,7 @@ impl UserCpu {
                 };
             }
             Some(sel) if compat => sel,
-            _ => USER_DS,
+            _ => cpu::user_data_selector(),
         };
 
         let frame = trap::user_frame();
@@ -226,7 +224,7 @@ impl UserCpu {
         let data = |sel: Option<u16>| match sel {
             Some(s) if compat && cpu::user_data_selector_ok(s) => s,
             Some(_) if compat => 0,
-            _ => USER_DS,
+            _ => cpu::user_data_selector(),
         };
         let (ds, es) = (data(ctx.ds_sel), data(ctx.es_sel));
         let fs = if cpu::user_data_selector_ok(ctx.fs_sel) {
@@ -239,8 +237,8 @@ impl UserCpu {
         } else {
             0
         };
-        // SAFETY: ds/es/fs/gs were checked to be null, USER_DS (the GDT's
-        // user data segment) or valid DPL-3 data selectors; the kernel
+        // SAFETY: ds/es/fs/gs were checked to be null, the GDT's flat
+        // user data segment or valid DPL-3 data selectors; the kernel
         // itself uses none of DS, ES, FS, GS.
         unsafe {
             asm!(
@@ -294,7 +292,7 @@ impl UserCpu {
         if compat {
             // The context keeps only what differs from the flat user data
             // segment (UserContext).
-            let own = |sel: u16| (sel != USER_DS).then_some(sel);
+            let own = |sel: u16| (sel != cpu::user_data_selector()).then_some(sel);
             (ctx.ds_sel, ctx.es_sel, ctx.ss_sel) = (own(ds), own(es), own(ss));
         }
         if !compat {

@@ -124,6 +124,18 @@ pub struct Books {
     pub map_read_locks: i64,
     /// References the module holds on vm_objects now.
     pub object_refs: u64,
+    /// References the module holds on vmspaces now (vmspace_acquire_ref
+    /// minus vmspace_free), and all it took.
+    pub vmspace_refs: u64,
+    pub vmspaces_acquired: u64,
+    /// EXEC ioctls whose guest CS has the index of the CS the module was
+    /// called on (kld mode runs on FreeBSD's GDT: Linux's __USER32_CS 0x23
+    /// against GCODE_SEL 4), and those of them that came back with a
+    /// guest exception, `int n` or `syscall` (guest code ran on that CS).
+    pub execs_on_host_cs_index: u64,
+    pub execs_on_host_cs_index_ran: u64,
+    /// CS of the thread calling into the module at the last EXEC.
+    pub host_cs: u16,
     /// vm_map_lookup_entry calls, and the address ranges of the entries
     /// they found: where the module watches the mappings.
     pub lookups: u64,
@@ -189,8 +201,17 @@ pub struct Kernel {
     pub pcpu: Block,
     pub thread: Block,
     /// `struct vmspace` of the one process (thread → td_proc → p_vmspace;
-    /// the `struct proc` between them lives as long as the boot).
+    /// the `struct proc` between them lives as long as the boot). Its
+    /// `vm_refcnt` counts the process's reference and the module's.
     pub vmspace: Block,
+    /// The `struct proc` (curthread's `td_proc`).
+    pub proc: u64,
+    /// Vmspaces of a process that is gone, alive while the module holds a
+    /// reference on them (vmspace_exit leaves them to the last holder).
+    pub orphan_vmspaces: Vec<Block>,
+    /// Freed vmspaces, the last freed reused first, as the vmspace UMA
+    /// zone does: a new process can get the address of one that is gone.
+    pub free_vmspaces: Vec<Block>,
     pub sysctl_hw: u64,
     pub kva_layout: u64,
     /// The (empty) DPCPU set `__start_set_pcpu` / `__stop_set_pcpu` bound.
@@ -324,6 +345,8 @@ pub fn boot(release: u32, kenv: Vec<(String, String)>) -> Option<()> {
         poke(thread.addr + layout.thread_td_proc, proc.addr);
         poke(proc.addr + layout.proc_p_vmspace, vmspace.addr);
         poke::<i32>(proc.addr + layout.proc_p_pid, 1);
+        // The process's own reference (vmspace_alloc starts at 1).
+        poke::<u32>(vmspace.addr + layout.vmspace_vm_refcnt, 1);
     }
     if layout.sizeof_kva_layout > (SYSCTL_HW_AT - KVA_LAYOUT_AT) as u64
         || layout.sizeof_sysctl_oid > (PCPU_SET_AT - SYSCTL_HW_AT) as u64
@@ -355,6 +378,9 @@ pub fn boot(release: u32, kenv: Vec<(String, String)>) -> Option<()> {
         pcpu,
         thread,
         vmspace,
+        proc: proc.addr,
+        orphan_vmspaces: Vec::new(),
+        free_vmspaces: Vec::new(),
         sysctl_hw: kernel_data(SYSCTL_HW_AT),
         kva_layout,
         pcpu_set: kernel_data(PCPU_SET_AT),
@@ -421,6 +447,8 @@ pub fn resolve(name: &str) -> Option<u64> {
         "vm_fault_quick_hold_pages" => vm_fault_quick_hold_pages as *const () as usize,
         "vm_page_unhold_pages" => vm_page_unhold_pages as *const () as usize,
         "vm_page_dirty_KBI" => vm_page_dirty_kbi as *const () as usize,
+        "vmspace_acquire_ref" => vmspace_acquire_ref as *const () as usize,
+        "vmspace_free" => vmspace_free as *const () as usize,
         "malloc_aligned" => malloc_aligned as *const () as usize,
         "free" => free as *const () as usize,
         "malloc_init" => malloc_init as *const () as usize,
@@ -556,6 +584,53 @@ impl Kernel {
     pub fn mapped(&mut self, start: u64, len: u64, prot: u64) {
         let object = self.new_object();
         self.mapped_object(start, len, prot, object, 0);
+    }
+
+    /// `vm_refcnt` of a live vmspace.
+    pub fn vmspace_refcnt(&self, vm: u64) -> u32 {
+        // SAFETY: `vm` is the process's vmspace block or an orphan's
+        // (callers check), `u_int vm_refcnt` at the header's offset.
+        unsafe { peek::<u32>(vm + self.layout.vmspace_vm_refcnt) }
+    }
+
+    fn set_vmspace_refcnt(&mut self, vm: u64, refs: u32) {
+        // SAFETY: as in vmspace_refcnt.
+        unsafe { poke::<u32>(vm + self.layout.vmspace_vm_refcnt, refs) }
+    }
+
+    /// The process exits while another process holds its descriptors
+    /// (passed over a unix socket, or inherited), and a process forked
+    /// afterwards by that holder now makes the system calls (curthread's
+    /// `struct proc` stands for it). vmspace_exit drops the exiting
+    /// process's reference: the vmspace is freed unless someone else
+    /// holds one; the new process's vmspace comes from the zone, the last
+    /// freed first. The map the personality goes on serving is carried
+    /// over (the rest of the exit tears its entries down). Returns (old
+    /// vmspace, its references left, new vmspace).
+    pub fn exit_to_other_process(&mut self) -> (u64, u32, u64) {
+        let old = self.vmspace;
+        let refs = self.vmspace_refcnt(old.addr) - 1;
+        self.set_vmspace_refcnt(old.addr, refs);
+        if refs == 0 {
+            self.free_vmspaces.push(old);
+        } else {
+            self.orphan_vmspaces.push(old);
+        }
+        let new = self
+            .free_vmspaces
+            .pop()
+            .unwrap_or_else(|| Block::new(self.layout.sizeof_vmspace, 64));
+        if new.addr != old.addr {
+            // SAFETY: two distinct blocks of sizeof(struct vmspace).
+            unsafe {
+                core::ptr::copy_nonoverlapping(old.addr as *const u8, new.addr as *mut u8, old.size)
+            };
+        }
+        self.set_vmspace_refcnt(new.addr, 1);
+        // SAFETY: p_vmspace of the personality's struct proc.
+        unsafe { poke(self.proc + self.layout.proc_p_vmspace, new.addr) };
+        self.vmspace = new;
+        (old.addr, refs, new.addr)
     }
 
     /// A new `struct vm_object` with one reference (the caller's).
@@ -786,6 +861,56 @@ fn map_change_checks(checks: &mut super::Checks) {
             ),
         );
     }
+}
+
+/// vmspace_acquire_ref(9) (sys/vm/vm_map.c): `p`'s vmspace with one more
+/// `vm_refcnt`, or NULL when it has none left (the process is exiting).
+extern "C" fn vmspace_acquire_ref(p: u64) -> u64 {
+    with(|k| {
+        if p != k.proc {
+            fail(format_args!(
+                "vmspace_acquire_ref: {p:#x} is not a struct proc"
+            ));
+        }
+        // SAFETY: p_vmspace of the personality's struct proc.
+        let vm: u64 = unsafe { peek(p + k.layout.proc_p_vmspace) };
+        let refs = k.vmspace_refcnt(vm);
+        if refs == 0 {
+            return 0;
+        }
+        k.set_vmspace_refcnt(vm, refs + 1);
+        k.books.vmspace_refs += 1;
+        k.books.vmspaces_acquired += 1;
+        vm
+    })
+}
+
+/// vmspace_free(9): one `vm_refcnt` less; the last frees the vmspace
+/// (vmspace_dofree), which goes back to the zone.
+extern "C" fn vmspace_free(vm: u64) {
+    with(|k| {
+        if k.books.vmspace_refs == 0 {
+            fail(format_args!(
+                "vmspace_free: the module holds no vmspace reference"
+            ));
+        }
+        let orphan = k.orphan_vmspaces.iter().position(|b| b.addr == vm);
+        if vm != k.vmspace.addr && orphan.is_none() {
+            fail(format_args!("vmspace_free: {vm:#x} is not a live vmspace"));
+        }
+        let refs = k.vmspace_refcnt(vm);
+        if refs <= 1 && orphan.is_none() {
+            fail(format_args!(
+                "vmspace_free: the last reference of a running process's vmspace"
+            ));
+        }
+        k.set_vmspace_refcnt(vm, refs - 1);
+        k.books.vmspace_refs -= 1;
+        if let Some(i) = orphan.filter(|_| refs == 1) {
+            let block = k.orphan_vmspaces.swap_remove(i);
+            k.free_vmspaces.push(block);
+        }
+    })
 }
 
 /// `_vm_map_lock_read(map, file, line)`: the vm_map_lock_read() macro.

@@ -73,6 +73,9 @@ const DEFAULT_MODE: u32 = 0o660;
 const DEFAULT_GID: u32 = 0;
 /// `kldfind`/`kldunload` file id of the module (the kernel is 1).
 pub const MODULE_FILEID: i32 = 2;
+/// FreeBSD amd64's kernel CS, GSEL(GCODE_SEL, SEL_KPL) (GCODE_SEL 4,
+/// sys/x86/include/segments.h): the GDT kld mode runs on (crate::cpu).
+const FREEBSD_KERNEL_CS: u16 = 4 << 3;
 /// Exit status of the run when the personality's own checks failed.
 const STATUS_CHECKS_FAILED: i32 = 1;
 
@@ -583,6 +586,42 @@ fn books_checks(checks: &mut Checks) {
         "leaks-held-pages",
         format_args!("{held} pages held; {holds} holds, {unholds} releases"),
     );
+    let (vm_refs, acquired, orphans, refcnt) = kpi::with(|k| {
+        (
+            k.books.vmspace_refs,
+            k.books.vmspaces_acquired,
+            k.orphan_vmspaces.len(),
+            k.vmspace_refcnt(k.vmspace.addr),
+        )
+    });
+    checks.check(
+        vm_refs == 0 && orphans == 0 && refcnt == 1,
+        "leaks-vmspace",
+        format_args!(
+            "{vm_refs} vmspace references held ({acquired} taken), {orphans} vmspaces of \
+             gone processes alive, the process's vm_refcnt {refcnt} (want 1)"
+        ),
+    );
+    let (clash, ran, host_cs) = kpi::with(|k| {
+        let b = &k.books;
+        (
+            b.execs_on_host_cs_index,
+            b.execs_on_host_cs_index_ran,
+            b.host_cs,
+        )
+    });
+    if clash > 0 {
+        // Only guests with such a CS (i386 programs: __USER32_CS 0x23)
+        // report it; the suite wants it from those.
+        checks.check(
+            host_cs == FREEBSD_KERNEL_CS && ran > 0,
+            "host-cs-clash",
+            format_args!(
+                "module called on CS {host_cs:#x} (FreeBSD's GCODE_SEL: {FREEBSD_KERNEL_CS:#x}); \
+                 {clash} EXECs with a guest CS of that index, {ran} of them ran guest code"
+            ),
+        );
+    }
     checks.check(
         made > 0 && made == destroyed,
         "leaks-cdevs",

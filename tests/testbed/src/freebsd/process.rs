@@ -16,6 +16,9 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
+use kqemu::abi::{
+    seg, KqemuCpuState, Pod, KQEMU_EXEC, KQEMU_RET_EXCEPTION, KQEMU_RET_SOFTMMU, KQEMU_RET_SYSCALL,
+};
 use kqemu_client::loader::{self, AddressSpaceSpec, StackInfo};
 use kqemu_client::mm::{Mm, Placement};
 use kqemu_client::{Arch, Errno, GuestRam, MemFs, PagingFormat, Trap, UserContext};
@@ -44,6 +47,35 @@ const SYS_THR_SELF: u64 = 432;
 const SYS_THR_NEW: u64 = 455;
 const SYS_MMAP: u64 = 477;
 const SYS_FTRUNCATE: u64 = 480;
+
+/// The kenv variable (`--tunable`) of the descriptor-outlives-its-process
+/// scenario ([`Process::hand_off_devices`]).
+const VMSPACE_HANDOFF: &str = "testbed.vmspace_handoff";
+
+/// Books an EXEC whose guest CS has the index of the CS this kernel calls
+/// the module on (kpi::Books::execs_on_host_cs_index).
+fn note_exec_cs(guest_cs: u16, retval: Option<i32>) {
+    let host_cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe {
+        core::arch::asm!("mov {0:x}, cs", out(reg) host_cs, options(nomem, nostack, preserves_flags))
+    };
+    kpi::with(|k| {
+        let b = &mut k.books;
+        b.host_cs = host_cs;
+        if guest_cs >> 3 == host_cs >> 3 {
+            b.execs_on_host_cs_index += 1;
+            // An exception, `int n` or `syscall` of the guest: the CPU ran
+            // guest code on that CS (not SOFTMMU, INTR or ABORT).
+            let trapped = |r: i32| {
+                (KQEMU_RET_EXCEPTION..KQEMU_RET_SOFTMMU).contains(&r) || r == KQEMU_RET_SYSCALL
+            };
+            if retval.is_some_and(trapped) {
+                b.execs_on_host_cs_index_ran += 1;
+            }
+        }
+    });
+}
 
 /// sys/sys/fcntl.h.
 const O_CREAT: u64 = 0x0200;
@@ -332,6 +364,7 @@ impl<'r, 'c> Process<'r, 'c> {
         }
         let cycles = x86::rdtsc() - start;
         let status = self.exit.unwrap_or(status);
+        self.hand_off_devices(checks);
         self.exit_files();
         signal::exit();
         threads::exit();
@@ -429,6 +462,45 @@ impl<'r, 'c> Process<'r, 'c> {
             Delivery::Resume => 0,
             Delivery::Killed(sig) => 128 + sig,
         }
+    }
+
+    /// With the tunable `testbed.vmspace_handoff=1`: the process's
+    /// `/dev/kqemu` descriptors outlive it (another process holds them)
+    /// and a process forked after the exit calls MODIFY_RAM_PAGES(0) on
+    /// each (kpi::Kernel::exit_to_other_process). Its vmspace is a new
+    /// one, so the module must answer EPERM; had the module not kept the
+    /// INIT vmspace referenced, the new vmspace would have its address
+    /// (the zone reuses the last freed) and the call would pass. The new
+    /// process then closes them (exit_files).
+    fn hand_off_devices(&mut self, checks: &mut Checks) {
+        let wanted = kpi::with(|k| k.kenv.iter().any(|(n, v)| n == VMSPACE_HANDOFF && v == "1"));
+        if !wanted {
+            return;
+        }
+        let ids: Vec<u32> = self
+            .fds
+            .iter()
+            .filter_map(|fd| match fd {
+                Some(Fd::Device(id)) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let (old, refs, new) = kpi::with(|k| k.exit_to_other_process());
+        let eperm = kpi::with(|k| k.layout.EPERM as i32);
+        let mut errors = Vec::new();
+        for id in ids {
+            let mut count = 0i32;
+            let cmd = u64::from(kqemu::abi::KQEMU_MODIFY_RAM_PAGES);
+            errors.push(devfs::ioctl(id, cmd, (&raw mut count).cast::<u8>()));
+        }
+        checks.check(
+            !errors.is_empty() && errors.iter().all(|&e| e == eperm) && new != old,
+            "vmspace-handoff",
+            format_args!(
+                "INIT's vmspace {old:#x} ({refs} references left after its exit), the next \
+                 process's {new:#x}; MODIFY_RAM_PAGES from it: errors {errors:?} (want EPERM {eperm})"
+            ),
+        );
     }
 
     /// exit1: every descriptor is closed (cdevpriv destructors run).
@@ -812,6 +884,10 @@ impl<'r, 'c> Process<'r, 'c> {
             mm.read(ram, a[2], &mut buf[..size as usize])
                 .map_err(|_| l.EFAULT as i32)?;
         }
+        let exec_cs = (cmd == u64::from(KQEMU_EXEC))
+            .then(|| KqemuCpuState::read_from(&buf[..size as usize]))
+            .flatten()
+            .map(|state| state.segs[seg::CS].selector);
         // While the module runs this ioctl, a deferred preemption may give
         // another thread a slice (threads::preempt).
         let error = threads::preemptible(&mut || self.other_slice(fs, loaded, checks), || {
@@ -819,6 +895,10 @@ impl<'r, 'c> Process<'r, 'c> {
         });
         if error != 0 {
             return Err(error);
+        }
+        if let Some(guest_cs) = exec_cs {
+            let retval = KqemuCpuState::read_from(&buf[..size as usize]).map(|s| s.retval);
+            note_exec_cs(guest_cs, retval);
         }
         if cmd & l.IOC_OUT != 0 && size > 0 {
             let (mm, ram) = self.mm();

@@ -526,7 +526,7 @@ fn send(
     put(
         &mut frame,
         mc + l.mc_ss,
-        &u64::from(crate::trap::USER_DS).to_le_bytes(),
+        &u64::from(crate::cpu::user_data_selector()).to_le_bytes(),
     );
     put(&mut frame, mc + l.mc_len, &l.sizeof_mcontext.to_le_bytes());
     put(
