@@ -959,7 +959,7 @@ impl<H: Host> Monitor<H> {
         // SAFETY: the host's tables are back; it handles NMIs, machine
         // checks and its own interrupts.
         unsafe { switch::hand_to_host(&exit) };
-        *area = *sw.area();
+        take_guest_fields(area, sw.area());
         switch::interrupts_restore(flags);
         Ok(exit)
     }
@@ -1389,6 +1389,28 @@ fn area_from_state(state: &KqemuCpuState, entry: &NormalModeEntry) -> SwitchArea
         u64::MAX
     };
     a
+}
+
+/// Copies from the area of a run what the EXEC loop reads after it: the
+/// guest's registers, selectors and FS/GS bases, and the code bytes the
+/// exit read. The rest of `local` keeps what `area_from_state` gave it, as
+/// for the first run of the EXEC: the switch fills its own fields at every
+/// entry. (Copying only these spares a copy of the whole area per exit.)
+fn take_guest_fields(local: &mut SwitchArea, run: &SwitchArea) {
+    local.regs = run.regs;
+    local.rip = run.rip;
+    local.cs = run.cs;
+    local.rflags = run.rflags;
+    local.rsp = run.rsp;
+    local.ss = run.ss;
+    local.ds = run.ds;
+    local.es = run.es;
+    local.fs = run.fs;
+    local.gs = run.gs;
+    local.fs_base = run.fs_base;
+    local.gs_base = run.gs_base;
+    local.exit_code = run.exit_code;
+    local.exit_code_len = run.exit_code_len;
 }
 
 /// Copies the guest's registers back into the state (ABI.md: the client
