@@ -110,6 +110,10 @@ impl FileState {
         // there is no memory left to run a guest in.
         let vm = NonNull::new(vm).ok_or(Error::Fault)?;
         let result = self.file.ioctl(cmd, arg);
+        // A successful INIT is the file's only one (OpenFile answers EIO
+        // to any later INIT), so when it succeeds the owner slot is still
+        // empty and the exchange below keeps the reference: the instance
+        // never runs without it.
         let kept = result.is_ok()
             && self
                 .owner
