@@ -1,5 +1,7 @@
 //! What the runner (the CPU) and the client core (the OS) exchange on every trap.
 
+use alloc::vec::Vec;
+
 /// The ABI of a guest program.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, PartialOrd, Ord)]
 pub enum Arch {
@@ -76,6 +78,35 @@ impl UserDesc {
         if self.is_empty() {
             return 0;
         }
+        self.segment_descriptor()
+    }
+
+    /// An LDT entry for `modify_ldt` (Linux `write_ldt`): empty (0) only for Linux's
+    /// `LDT_empty`, or in the old mode (func 1) for a zero base and limit, where AVL is also
+    /// ignored; otherwise the descriptor as [`Self::descriptor`] builds it (an all-zero
+    /// `user_desc` is a present 16-bit data segment there, not an empty slot).
+    pub fn ldt_descriptor(&self, oldmode: bool) -> u64 {
+        let ldt_empty = self.base_addr == 0
+            && self.limit == 0
+            && self.flags & 0x7f == Self::READ_EXEC_ONLY | Self::SEG_NOT_PRESENT;
+        if ldt_empty || (oldmode && self.base_addr == 0 && self.limit == 0) {
+            return 0;
+        }
+        let mut desc = *self;
+        if oldmode {
+            desc.flags &= !Self::USEABLE;
+        }
+        desc.segment_descriptor()
+    }
+
+    /// Linux's `modify_ldt` refuses code segments with `contents` 3 (conforming) that are
+    /// present, and any in the old mode (func 1).
+    pub fn ldt_refused(&self, oldmode: bool) -> bool {
+        (self.flags >> Self::CONTENTS_SHIFT) & 3 == 3
+            && (oldmode || self.flags & Self::SEG_NOT_PRESENT == 0)
+    }
+
+    fn segment_descriptor(&self) -> u64 {
         let contents = (self.flags >> Self::CONTENTS_SHIFT) & 3;
         let writable_or_readable = self.flags & Self::READ_EXEC_ONLY == 0;
         // Type field: data (contents 0), expand-down data (1), code (2 or 3).
@@ -122,7 +153,12 @@ pub struct UserContext {
     /// `LinuxConfig::tls_entry_base + i` (6..8 by default, as on i386 Linux).
     /// Each `entry_number` says which entry it is.
     pub tls: [UserDesc; TLS_ENTRIES],
-    /// Set by the OS when `tls` changed; the runner reloads its GDT slots and clears it.
+    /// The process's LDT (`modify_ldt`): descriptor `i` is LDT entry `i`; its length is the
+    /// LDT's size in entries (Linux grows it to the highest entry written). Copied on fork,
+    /// empty after exec, as Linux's `mm->context.ldt`.
+    pub ldt: Vec<u64>,
+    /// Set by the OS when `tls` or `ldt` changed; the runner reloads its GDT slots and LDT
+    /// and clears it.
     pub tls_changed: bool,
     /// i386: the selectors the program loaded into FS and GS (e.g. GS = TLS entry).
     pub fs_sel: u16,

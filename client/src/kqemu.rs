@@ -17,6 +17,10 @@ use kqemu::monitor::segments::{
     cache_of_load, entry_segment, CpuMode, Descriptor, SegReg, Selector,
 };
 
+use alloc::vec::Vec;
+use kqemu::monitor::switch::ldt_descriptor;
+
+use crate::linux::GuestGdt;
 use crate::{Arch, Linux, PagingFormat, Pid, Trap, UserContext};
 
 /// The host CPU features the guest OS's control registers may enable.
@@ -114,10 +118,16 @@ fn cache(selector: u16, flags: u32, base: u64) -> KqemuSegmentCache {
     }
 }
 
-/// The cache of an i386 data selector the process loaded: its TLS
+/// The cache of an i386 data selector the process loaded: its TLS or LDT
 /// descriptor, the user data segment, or null.
 fn data_cache32(ctx: &UserContext, user: User32, selector: u16) -> KqemuSegmentCache {
     let index = selector >> 3;
+    if selector & 7 == 7 {
+        return match ctx.ldt.get(usize::from(index)) {
+            Some(&raw) if raw != 0 => cache_of_load(Selector(selector), Descriptor(raw)),
+            _ => cache(0, 0, 0),
+        };
+    }
     if selector & 7 == 3 && (TLS_FIRST..TLS_FIRST + 3).contains(&index) {
         let raw = ctx.tls[usize::from(index - TLS_FIRST)].descriptor();
         if raw != 0 {
@@ -214,6 +224,37 @@ pub fn state_of(
 
 /// Limit of the guest OS's GDT as `state_of` describes it (16 entries).
 const GUEST_GDT_LIMIT: u16 = 0x7f;
+/// GDT index of the descriptor of the process's LDT (Linux x86_64's
+/// GDT_ENTRY_LDT; 16 bytes, up to index 11, under a long-mode guest OS).
+const LDT_INDEX: u16 = 10;
+/// The LDTR cache's attributes: present, system type 2 (SDM Vol. 3A
+/// Table 3-2), as the high dword of the descriptor holds them.
+const FLAGS_LDT: u32 = 0x0000_8200;
+
+/// The process's LDT in the guest OS's GDT page: linear base and byte
+/// limit (`None`: no LDT, or no GDT page to hold it).
+fn ldt_of(ctx: &UserContext, gdt: Option<GuestGdt>) -> Option<(u64, u32)> {
+    if ctx.ldt.is_empty() {
+        return None;
+    }
+    Some((gdt?.ldt_linear(), (ctx.ldt.len() * 8 - 1) as u32))
+}
+
+/// The LDTR's cache for `ldt` (what LLDT of [`LDT_INDEX`] loads), null
+/// without an LDT.
+fn ldt_cache(ldt: Option<(u64, u32)>) -> KqemuSegmentCache {
+    match ldt {
+        Some((base, limit)) => KqemuSegmentCache {
+            selector: LDT_INDEX << 3,
+            padding1: 0,
+            flags: FLAGS_LDT,
+            base,
+            limit,
+            padding2: 0,
+        },
+        None => KqemuSegmentCache::default(),
+    }
+}
 /// Exception vectors of a failed segment load (SDM Vol. 3A 6.15).
 const VECTOR_UD: u8 = 6;
 const VECTOR_NP: u8 = 11;
@@ -241,9 +282,26 @@ fn flat_descriptor(flags: u32) -> u64 {
 }
 
 /// Entry `index` of the guest OS's GDT while the process of `ctx` runs (0:
-/// empty): the code and data segments `state_of` gives the process and, for
-/// i386 processes, their TLS entries.
-fn guest_descriptor(ctx: &UserContext, compat: Option<User32>, index: u16) -> u64 {
+/// empty): the code and data segments `state_of` gives the process, for
+/// i386 processes their TLS entries, and the descriptor of its LDT `ldt`
+/// (base, limit; its upper half at the next index under 4-level paging,
+/// where the guest OS runs in IA-32e mode).
+fn guest_descriptor(
+    ctx: &UserContext,
+    compat: Option<User32>,
+    ldt: Option<(u64, u32)>,
+    long: bool,
+    index: u16,
+) -> u64 {
+    if let Some((base, limit)) = ldt {
+        let d = ldt_descriptor(base, limit);
+        if index == LDT_INDEX {
+            return d[0];
+        }
+        if long && index == LDT_INDEX + 1 {
+            return d[1];
+        }
+    }
     match (compat, index) {
         (Some(user), i) if i == user.cs >> 3 => flat_descriptor(FLAGS_CODE32),
         (Some(user), i) if i == user.ds >> 3 => flat_descriptor(FLAGS_DATA),
@@ -261,9 +319,14 @@ const GDT_ENTRIES: usize = (GUEST_GDT_LIMIT as usize + 1) / 8;
 /// The guest OS's GDT.
 type GdtTable = [u64; GDT_ENTRIES];
 
-/// The guest OS's GDT while the process of `ctx` runs.
-fn gdt_table(ctx: &UserContext, compat: Option<User32>) -> GdtTable {
-    core::array::from_fn(|i| guest_descriptor(ctx, compat, i as u16))
+/// The guest OS's GDT while the process of `ctx` runs, with its LDT `ldt`.
+fn gdt_table(
+    ctx: &UserContext,
+    compat: Option<User32>,
+    ldt: Option<(u64, u32)>,
+    long: bool,
+) -> GdtTable {
+    core::array::from_fn(|i| guest_descriptor(ctx, compat, ldt, long, i as u16))
 }
 
 /// GDT base for EXEC when the OS has no GDT page (`Linux::gdt`): not
@@ -277,12 +340,17 @@ const NO_GDT_PAGE_BASE: u64 = 1;
 /// guest OS's context switch, as Linux's `load_TLS`): the page then holds
 /// the running process's descriptors when the monitor or this client's
 /// emulator reads them. Returns the GDT's linear base.
-fn load_gdt(linux: &mut Linux<'_>, table: &GdtTable) -> u64 {
+fn load_gdt(linux: &mut Linux<'_>, table: &GdtTable, ldt: &[u64]) -> u64 {
     let Some(gdt) = linux.gdt else {
         return NO_GDT_PAGE_BASE;
     };
-    for (i, &raw) in table.iter().enumerate() {
-        let at = gdt.frame + i as u64 * 8;
+    let ldt_entries = ldt.iter().take(crate::LDT_ENTRIES).enumerate();
+    let writes = table
+        .iter()
+        .enumerate()
+        .map(|(i, &raw)| (gdt.frame + i as u64 * 8, raw))
+        .chain(ldt_entries.map(|(i, &raw)| (gdt.ldt_frame() + i as u64 * 8, raw)));
+    for (at, raw) in writes {
         if linux.ram.read_entry(at, 8) != Some(raw) {
             linux.ram.write_entry(at, 8, raw);
         }
@@ -321,10 +389,10 @@ fn fault(vector: u8, error_code: u16) -> Emulated {
 /// (1F, 07, 17 outside 64-bit mode; 0F A1, 0F A9) at CPL 3 against the
 /// guest OS's GDT (`gdt`, as the page in guest RAM holds it), with the
 /// checks of SDM Vol. 2B MOV ("Loading a segment register in protected
-/// mode") and POP: the monitor loads the GDT selectors it can mirror
-/// itself and hands the others back as SOFTMMU (an LDT selector, a
-/// descriptor it cannot mirror, an entry register's index, a full
-/// shadow). A load that succeeds is carried out only where the process's state has a place for it (the data registers
+/// mode") and POP: the monitor loads the GDT and LDT selectors it can
+/// mirror itself and hands the others back as SOFTMMU (a descriptor it
+/// cannot mirror, an entry register's index, a full shadow, an LDT index
+/// past its shadow LDT). `ldt` is the process's LDT. A load that succeeds is carried out only where the process's state has a place for it (the data registers
 /// of i386 processes); `None`: this client cannot emulate the instruction.
 /// `user32` names the selectors of an i386 process (None: amd64);
 /// `stack_top` is the word at the stack pointer, for `pop`.
@@ -333,6 +401,7 @@ fn emulate_segment_load(
     ctx: &mut UserContext,
     user32: Option<User32>,
     gdt: &GdtTable,
+    ldt: &[u64],
     stack_top: Option<u16>,
 ) -> Option<Emulated> {
     let compat = user32.is_some();
@@ -376,11 +445,18 @@ fn emulate_segment_load(
             return Some(fault(VECTOR_GP, 0));
         }
     } else {
-        // TI = 1: this guest OS sets no LDT.
-        if selector & 4 != 0 || (selector & !7) + 7 > GUEST_GDT_LIMIT {
+        let index = usize::from(selector >> 3);
+        let desc = if selector & 4 != 0 {
+            // TI = 1: the process's LDT, whose limit its length sets.
+            match ldt.get(index) {
+                Some(&desc) => desc,
+                None => return Some(fault(VECTOR_GP, error)),
+            }
+        } else if (selector & !7) + 7 > GUEST_GDT_LIMIT {
             return Some(fault(VECTOR_GP, error));
-        }
-        let desc = gdt[usize::from(selector >> 3)];
+        } else {
+            gdt[index]
+        };
         let dpl = ((desc >> DESC_DPL_SHIFT) & 3) as u16;
         let code_seg = desc & DESC_CODE != 0;
         if sreg == SREG_SS {
@@ -544,6 +620,7 @@ pub fn step<C: ExecCpu>(
     features: &CpuFeatures,
 ) -> Result<Step, StepError<C::Error>> {
     let gdt_holds = linux.gdt_pid;
+    let guest_gdt = linux.gdt;
     let Some(runnable) = linux.next() else {
         return Ok(Step::Idle);
     };
@@ -556,16 +633,25 @@ pub fn step<C: ExecCpu>(
     let user32 = compat.then(|| User32::of(paging));
     let mut state = state_of(runnable.ctx, runnable.arch, paging, runnable.cr3, features);
     // The page changes on a switch to another process and after
-    // set_thread_area, as Linux's load_TLS runs: not on every EXEC.
+    // set_thread_area or modify_ldt, as Linux's load_TLS and load_mm_ldt
+    // run: not on every EXEC.
     let reload = gdt_holds != Some(pid) || runnable.ctx.tls_changed;
-    let table = reload.then(|| gdt_table(runnable.ctx, user32));
+    let ldt = ldt_of(runnable.ctx, guest_gdt);
+    let long = paging == PagingFormat::Long4;
+    let table = reload.then(|| gdt_table(runnable.ctx, user32, ldt, long));
+    let ldt_table = if reload {
+        runnable.ctx.ldt.clone()
+    } else {
+        Vec::new()
+    };
+    state.ldt = ldt_cache(ldt);
     if let Some(trap) = stale_stack(runnable.ctx, &state, compat) {
         linux.trap(pid, trap);
         return Ok(Step::Ran { pid, trap });
     }
     state.gdt.base = match table {
         Some(table) => {
-            let base = load_gdt(linux, &table);
+            let base = load_gdt(linux, &table, &ldt_table);
             if let Some(ctx) = linux.context(pid) {
                 ctx.tls_changed = false;
             }
@@ -639,7 +725,7 @@ pub fn step<C: ExecCpu>(
                 cr2: if vector == VECTOR_PF { state.cr2 } else { 0 },
             }
         }
-        KQEMU_RET_SOFTMMU => softmmu(linux, pid, &state, user32)?,
+        KQEMU_RET_SOFTMMU => softmmu(linux, pid, &state, user32, long)?,
         retval => {
             return Err(StepError::Retval {
                 retval,
@@ -675,6 +761,7 @@ fn softmmu<E>(
     pid: Pid,
     state: &KqemuCpuState,
     user32: Option<User32>,
+    long: bool,
 ) -> Result<Trap, StepError<E>> {
     let compat = user32.is_some();
     let mut code = [0u8; 16];
@@ -694,14 +781,17 @@ fn softmmu<E>(
         linux.read_user(pid, addr, &mut selector).is_ok() && selector == [0, 0]
     });
     let gdt = read_gdt(linux);
+    let linux_gdt = linux.gdt;
     let emulated = if !readable {
         None
     } else if null_far {
         Some(fault(VECTOR_GP, 0))
     } else {
         linux.context(pid).and_then(|c| {
-            let gdt = gdt.unwrap_or_else(|| gdt_table(c, user32));
-            emulate_segment_load(&code, c, user32, &gdt, stack_top)
+            let ldt = ldt_of(c, linux_gdt);
+            let gdt = gdt.unwrap_or_else(|| gdt_table(c, user32, ldt, long));
+            let ldt_table = c.ldt.clone();
+            emulate_segment_load(&code, c, user32, &gdt, &ldt_table, stack_top)
                 .or_else(|| (!compat).then(|| noncanonical_access(&code, c))?)
         })
     };
@@ -740,8 +830,9 @@ mod tests {
         user32: Option<User32>,
         stack_top: Option<u16>,
     ) -> Option<Emulated> {
-        let gdt = gdt_table(ctx, user32);
-        emulate_segment_load(code, ctx, user32, &gdt, stack_top)
+        let gdt = gdt_table(ctx, user32, None, false);
+        let ldt = ctx.ldt.clone();
+        emulate_segment_load(code, ctx, user32, &gdt, &ldt, stack_top)
     }
 
     struct NoConsole;
@@ -783,8 +874,8 @@ mod tests {
                 limit: 0xfff,
                 flags: 0x41,
             };
-            let table = gdt_table(&ctx, Some(user));
-            assert_eq!(load_gdt(&mut linux, &table), linear);
+            let table = gdt_table(&ctx, Some(user), None, false);
+            assert_eq!(load_gdt(&mut linux, &table, &[]), linear);
             let read = read_gdt(&linux).expect("the page");
             assert_eq!(read, table);
             assert_eq!(read[7], ctx.tls[1].descriptor());
@@ -794,14 +885,14 @@ mod tests {
             );
             // set_thread_area clears the entry: the next load_gdt writes it.
             ctx.tls[1] = crate::UserDesc::default();
-            load_gdt(&mut linux, &gdt_table(&ctx, Some(user)));
+            load_gdt(&mut linux, &gdt_table(&ctx, Some(user), None, false), &[]);
             assert_eq!(read_gdt(&linux).expect("the page")[7], 0);
             // The emulator reads what the page holds.
             let mut page = read_gdt(&linux).expect("the page");
             page[7] = flat_descriptor(FLAGS_DATA);
             ctx.regs[0] = 0x3b;
             assert!(matches!(
-                emulate_segment_load(&[0x8e, 0xe8], &mut ctx, Some(user), &page, None),
+                emulate_segment_load(&[0x8e, 0xe8], &mut ctx, Some(user), &page, &[], None),
                 Some(Emulated::Done(2))
             ));
             assert_eq!(ctx.gs_sel, 0x3b);
@@ -897,10 +988,10 @@ mod tests {
             }))
         ));
         assert_eq!(
-            guest_descriptor(&ctx, Some(long), 4),
+            guest_descriptor(&ctx, Some(long), None, true, 4),
             flat_descriptor(FLAGS_CODE32)
         );
-        assert_eq!(guest_descriptor(&ctx, Some(long), 14), 0);
+        assert_eq!(guest_descriptor(&ctx, Some(long), None, true, 14), 0);
     }
 
     #[test]
@@ -931,6 +1022,89 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn the_ldt_lives_in_the_gdt_page_and_its_selectors_load() {
+        for (paging, long) in [(PagingFormat::Legacy32, false), (PagingFormat::Long4, true)] {
+            let mut bytes = alloc::vec![0u8; 64 * 4096];
+            let ram = crate::GuestRam::new(&mut bytes, 0).expect("ram");
+            let cfg = crate::LinuxConfig::new(Arch::I386, paging);
+            let mut linux = Linux::new(
+                ram,
+                crate::MemFs::new(),
+                cfg,
+                alloc::boxed::Box::new(NoConsole),
+            );
+            let gdt = linux.gdt().expect("a GDT page");
+            let user = User32::of(paging);
+            let mut ctx = UserContext::default();
+            assert_eq!(ldt_of(&ctx, Some(gdt)), None, "no LDT");
+            assert_eq!(ldt_cache(None).selector, 0);
+            // Entry 2: 4 KiB of 32-bit data at 0x2000 (modify_ldt func 0x11).
+            let desc = crate::UserDesc {
+                entry_number: 2,
+                base_addr: 0x2000,
+                limit: 0xfff,
+                flags: 1,
+            };
+            ctx.ldt = alloc::vec![0, 0, desc.ldt_descriptor(false)];
+            let ldt = ldt_of(&ctx, Some(gdt));
+            assert_eq!(ldt, Some((gdt.linear + 0x800, 3 * 8 - 1)));
+            let c = ldt_cache(ldt);
+            assert_eq!(
+                (c.selector, c.flags, c.base, c.limit),
+                (0x50, 0x8200, gdt.linear + 0x800, 23)
+            );
+            // The GDT holds its descriptor (16 bytes under IA-32e), the
+            // page's upper half the entries.
+            let table = gdt_table(&ctx, Some(user), ldt, long);
+            assert_eq!(
+                [table[10], table[11]],
+                [
+                    ldt_descriptor(gdt.linear + 0x800, 23)[0],
+                    if long { (gdt.linear + 0x800) >> 32 } else { 0 }
+                ]
+            );
+            load_gdt(&mut linux, &table, &ctx.ldt);
+            assert_eq!(
+                linux.ram.read_entry(gdt.frame + 0x800 + 16, 8),
+                Some(ctx.ldt[2])
+            );
+            // A data register holding LDT selector 0x17 has its cache.
+            ctx.ds_sel = Some(0x17);
+            ctx.gs_sel = 0x0f;
+            let s = state_of(&ctx, Arch::I386, paging, 0x1000, &CpuFeatures::default());
+            let ds = s.segs[seg::DS];
+            assert_eq!((ds.selector, ds.base, ds.limit), (0x17, 0x2000, 0xfff));
+            assert_eq!(s.segs[seg::GS].selector, 0, "an empty entry: null");
+            // The emulator loads from the LDT: beyond its limit #GP with
+            // TI set in the error code; an empty entry #GP.
+            let mut page = read_gdt(&linux).expect("the page");
+            page[2] = 0;
+            let ldt_entries = ctx.ldt.clone();
+            for (sel, ok, error) in [(0x17u64, true, 0), (0x1f, false, 0x1c), (0x0f, false, 0x0c)] {
+                ctx.regs[0] = sel;
+                let r = emulate_segment_load(
+                    &[0x8e, 0xe0],
+                    &mut ctx,
+                    Some(user),
+                    &page,
+                    &ldt_entries,
+                    None,
+                );
+                match r {
+                    Some(Emulated::Done(2)) => assert!(ok, "{sel:#x}"),
+                    Some(Emulated::Fault(Trap::Exception {
+                        vector: VECTOR_GP,
+                        error_code,
+                        ..
+                    })) => assert_eq!((ok, error_code), (false, error), "{sel:#x}"),
+                    _ => panic!("{sel:#x}"),
+                }
+            }
+            assert_eq!(ctx.fs_sel, 0x17);
+        }
     }
 
     #[test]

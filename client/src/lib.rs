@@ -26,7 +26,7 @@ mod syscall;
 
 pub use context::{Arch, PagingFormat, Trap, UserContext, UserDesc};
 pub use errno::Errno;
-pub use linux::{Console, Linux, LinuxConfig, ProcessState, Runnable, LOG_FD};
+pub use linux::{Console, Linux, LinuxConfig, ProcessState, Runnable, LDT_ENTRIES, LOG_FD};
 pub use memfs::MemFs;
 pub use process::Pid;
 pub use ram::GuestRam;

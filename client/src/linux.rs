@@ -96,6 +96,25 @@ pub struct GuestGdt {
     pub linear: u64,
 }
 
+/// The running process's LDT (`modify_ldt`) shares the GDT page: its upper half, from
+/// this offset, as the table the LDTR of the guest OS names (`kqemu::state_of` gives its
+/// base and limit); the GDT itself takes 16 entries.
+pub const LDT_OFFSET: u64 = 0x800;
+/// LDT entries a process can have here: the upper half of the page (Linux allows 8192).
+pub const LDT_ENTRIES: usize = 256;
+
+impl GuestGdt {
+    /// Linear address of the LDT in the page.
+    pub fn ldt_linear(&self) -> u64 {
+        self.linear + LDT_OFFSET
+    }
+
+    /// Guest-physical address of the LDT in the page.
+    pub fn ldt_frame(&self) -> u64 {
+        self.frame + LDT_OFFSET
+    }
+}
+
 /// Where the GDT page is mapped: the top 4 MiB (32-bit paging) or 2 MiB (PAE) of a 32-bit
 /// OS's kernel space; under 4-level paging, a free PML4 slot of the upper half below 511
 /// (the slot of the module's switcher on FreeBSD and in the testbed).
@@ -193,7 +212,8 @@ fn exception_signal(vector: u8) -> u32 {
         0 | 16 | 19 => SIGFPE,
         1 | 3 => SIGTRAP,
         6 => SIGILL,
-        17 => SIGBUS,
+        // #NP, #SS and #AC: SIGBUS (Linux arch/x86/kernel/traps.c, DO_ERROR).
+        11 | 12 | 17 => SIGBUS,
         _ => SIGSEGV,
     }
 }

@@ -797,6 +797,8 @@ fn exceptions_become_signals() {
     for (vector, status) in [
         (0u8, 136),
         (6, 132),
+        (11, 135),
+        (12, 135),
         (13, 139),
         (14, 139),
         (17, 135),
@@ -1273,4 +1275,61 @@ fn directory_listing_survives_removals() {
         .sys(1, AMD64.getdents64, &[fd, buf + 0x100, 1024])
         .unwrap() as usize;
     assert_eq!(names(&mut m, got), [".", "..", "b", "c", "d", "e"]);
+}
+
+#[test]
+fn modify_ldt_writes_reads_and_forks_the_process_ldt() {
+    const ENOMEM: i64 = -12;
+    for mut m in machines() {
+        let n = nr(m.arch);
+        let modify_ldt = if m.arch == Arch::Amd64 { 154 } else { 123 };
+        let buf = scratch(m.arch);
+        let desc = |entry: u32, base: u32, limit: u32, flags: u32| {
+            let mut d = Vec::new();
+            for v in [entry, base, limit, flags] {
+                d.extend_from_slice(&v.to_le_bytes());
+            }
+            d
+        };
+        assert_eq!(m.sys(1, modify_ldt, &[0, buf, 64]), Some(0), "no LDT yet");
+        // Entry 2: 4 KiB of 32-bit data at 0x1000 (seg_32bit).
+        m.poke(1, buf, &desc(2, 0x1000, 0xfff, 1));
+        assert_eq!(m.sys(1, modify_ldt, &[0x11, buf, 16]), Some(0));
+        let ctx = m.linux.context(1).unwrap().clone();
+        assert!(ctx.tls_changed);
+        assert_eq!(ctx.ldt.len(), 3, "grown to the entry written");
+        let d = ctx.ldt[2];
+        assert_eq!(d & 0xffff, 0xfff);
+        assert_eq!(d >> 16 & 0xff_ffff, 0x1000);
+        assert_eq!(d >> 40 & 0xff, 0xf3, "present DPL-3 data, accessed");
+        assert_eq!(d >> 54 & 1, 1, "32-bit");
+        // func 0: bytecount bytes, the entries then zeros.
+        m.poke(1, buf + 0x100, &[0xaa; 40]);
+        assert_eq!(m.sys(1, modify_ldt, &[0, buf + 0x100, 32]), Some(32));
+        let read = m.peek(1, buf + 0x100, 40);
+        assert_eq!(read[16..24], d.to_le_bytes());
+        assert_eq!(read[24..32], [0; 8]);
+        assert_eq!(read[32..], [0xaa; 8], "nothing past bytecount");
+        // Refusals.
+        assert_eq!(m.sys(1, modify_ldt, &[0x11, buf, 15]), Some(EINVAL));
+        m.poke(1, buf, &desc(8192, 0, 0, 1));
+        assert_eq!(m.sys(1, modify_ldt, &[0x11, buf, 16]), Some(EINVAL));
+        m.poke(1, buf, &desc(300, 0, 0, 1));
+        assert_eq!(m.sys(1, modify_ldt, &[0x11, buf, 16]), Some(ENOMEM));
+        m.poke(1, buf, &desc(1, 0, 0xfff, 3 << 1));
+        assert_eq!(
+            m.sys(1, modify_ldt, &[0x11, buf, 16]),
+            Some(EINVAL),
+            "present conforming code"
+        );
+        assert_eq!(m.sys(1, modify_ldt, &[2, buf, 16]), Some(ENOSYS));
+        // fork copies the LDT; the child's changes stay its own.
+        assert_eq!(m.sys(1, n.fork, &[]), Some(2));
+        assert_eq!(m.linux.context(2).unwrap().ldt, ctx.ldt);
+        // func 1 with base and limit 0: the entry is cleared.
+        m.poke(2, buf, &desc(2, 0, 0, 1));
+        assert_eq!(m.sys(2, modify_ldt, &[1, buf, 16]), Some(0));
+        assert_eq!(m.linux.context(2).unwrap().ldt, [0, 0, 0]);
+        assert_eq!(m.linux.context(1).unwrap().ldt[2], d);
+    }
 }

@@ -5,8 +5,9 @@
 //!
 //! The exits the monitor handles itself are page faults it can answer
 //! from the guest's tables (a shadow fill, or the first write to a page
-//! the dirty protocol keeps read-only), loads of GDT selectors whose
-//! descriptors it fills from the guest's GDT (segments.rs [`RunGdt`]),
+//! the dirty protocol keeps read-only), loads of GDT and LDT selectors
+//! whose descriptors it fills from the guest's tables (segments.rs
+//! [`RunGdt`]),
 //! and host interrupts. Everything
 //! else ends the run with the code kqemu 1.4.0pre1 used: exceptions with
 //! their error code (and CR2), `int n` / `int3` / `into` as
@@ -36,7 +37,8 @@ use crate::monitor::ram::{
     WriteFault,
 };
 use crate::monitor::segments::{
-    CodeSize, CpuMode, Descriptor, Fill, RunGdt, SegmentFault, Selector, VEC_GP, VEC_NP, VEC_SS,
+    descriptor_address, CodeSize, CpuMode, Descriptor, Fill, RunGdt, SegmentFault, Selector,
+    SHADOW_LDT_ENTRIES, VEC_GP, VEC_NP, VEC_SS,
 };
 use crate::monitor::shadow::{
     Derivation, LeafMapping, Shadow, ShadowFlags, ShadowNode, TablePage, TablePages,
@@ -142,9 +144,9 @@ pub fn classify(vector: u8, error_code: u64, code: &[u8], syscall_enabled: bool)
         },
         VEC_DF => Outcome::Abort,
         // Other #GP, #TS, #NP, #SS (the run loop has handled the loads of
-        // GDT selectors it fills, `Monitor::segment_fault`): LDT selectors,
-        // I/O, privileged instructions, UMIP: the client emulates them
-        // exactly with the guest's own tables.
+        // selectors it fills, `Monitor::segment_fault`): the loads it
+        // leaves to the client, I/O, privileged instructions, UMIP: the
+        // client emulates them exactly with the guest's own tables.
         VEC_TS..=VEC_GP => Outcome::SoftMmu,
         _ => Outcome::SoftMmu,
     }
@@ -721,7 +723,7 @@ impl<H: Host> Monitor<H> {
         };
 
         for _ in 0..MAX_EXITS_PER_EXEC {
-            let exit = match self.run_once(&mut area, gdt.descriptors(), &entry) {
+            let exit = match self.run_once(&mut area, &gdt, &entry) {
                 Ok(exit) => exit,
                 // Every switcher block is held by a run on another CPU,
                 // each for at most one host tick: the client calls EXEC
@@ -861,11 +863,11 @@ impl<H: Host> Monitor<H> {
     fn run_once(
         &mut self,
         area: &mut SwitchArea,
-        descriptors: &[(u16, u64)],
+        gdt: &RunGdt,
         entry: &NormalModeEntry,
     ) -> core::result::Result<Exit, NoRun> {
         let cpu = self.host.cpu_enter().ok_or(NoRun::Host)?;
-        let result = self.run_on_cpu(cpu, area, descriptors, entry);
+        let result = self.run_on_cpu(cpu, area, gdt, entry);
         // After run_on_cpu dropped its switcher: a switcher block is held
         // only inside the no-preemption section.
         self.host.cpu_leave();
@@ -907,7 +909,7 @@ impl<H: Host> Monitor<H> {
         &mut self,
         cpu: usize,
         area: &mut SwitchArea,
-        descriptors: &[(u16, u64)],
+        gdt: &RunGdt,
         entry: &NormalModeEntry,
     ) -> core::result::Result<Exit, NoEntry> {
         let host = self.host.clone();
@@ -924,7 +926,12 @@ impl<H: Host> Monitor<H> {
             self.switcher_block = Some(sw.block_index());
         }
         let root = self.shadow.current_root();
-        let usable = root.is_some() && sw.set_guest_descriptors(descriptors).is_some();
+        // The shadow LDT's limit is the guest's (0 without an LDT: every
+        // LDT selector beyond it, as under a null LDTR).
+        let ldt_limit = entry.tables.ldt.map_or(0, |(_, limit)| limit);
+        let usable = root.is_some()
+            && sw.set_guest_descriptors(gdt.descriptors()).is_some()
+            && sw.set_guest_ldt(gdt.ldt_descriptors(), ldt_limit).is_some();
         if !usable {
             return Err(NoEntry::Unusable);
         }
@@ -1063,8 +1070,8 @@ impl<H: Host> Monitor<H> {
         Ok(())
     }
 
-    /// A #GP, #NP or #SS exit: a load of a GDT selector the run's shadow
-    /// does not hold yet is filled from the guest's GDT and retried
+    /// A #GP, #NP or #SS exit: a load of a selector the run's shadow does
+    /// not hold yet is filled from the guest's GDT or LDT and retried
     /// (segments.rs [`RunGdt`]).
     fn segment_fault(
         &mut self,
@@ -1073,13 +1080,15 @@ impl<H: Host> Monitor<H> {
         f: &mut SegmentFill<'_, '_, H>,
     ) -> SegmentExit {
         let host = self.host.clone();
-        match f
-            .gdt
-            .on_fault(exit.vector, exit.error_code, entry.tables.gdt)
-        {
+        match f.gdt.on_fault(
+            exit.vector,
+            exit.error_code,
+            entry.tables.gdt,
+            entry.tables.ldt,
+        ) {
             SegmentFault::Client => SegmentExit::Client,
             SegmentFault::Guest => SegmentExit::Guest,
-            SegmentFault::Read { index, linear } => {
+            SegmentFault::Read { selector, linear } => {
                 let mut mem = RamMem {
                     host: &host,
                     map: f.map,
@@ -1089,18 +1098,18 @@ impl<H: Host> Monitor<H> {
                 let Some(guest) = read_descriptor(entry, &mut mem, f.map, linear) else {
                     return SegmentExit::Client;
                 };
-                match f.gdt.fill(index, guest, entry.mode) {
+                match f.gdt.fill(selector, guest, entry.mode) {
                     Fill::Installed => SegmentExit::Resume,
                     Fill::Client => SegmentExit::Client,
                 }
             }
             SegmentFault::SetAccessed {
-                index,
+                selector,
                 linear,
                 guest,
             } => {
                 if self.set_accessed(entry, f, linear, guest) {
-                    f.gdt.accessed(index, entry.mode);
+                    f.gdt.accessed(selector, entry.mode);
                     SegmentExit::Resume
                 } else {
                     SegmentExit::Client
@@ -1322,12 +1331,21 @@ fn read_descriptor<H: Host>(
 
 /// Whether the validated state can run natively on this monitor: debug
 /// registers, a guest CR0.TS or EM (FPU ownership stays with the host,
-/// ARCHITECTURE.md), LDT selectors and 16-bit stacks need the client.
+/// ARCHITECTURE.md) and 16-bit stacks need the client, and so does an LDT
+/// selector in an entry register unless the guest's LDT holds its index
+/// within the shadow LDT's page (its shadow entry is built from the cache,
+/// but the CPU checks the index against the shadow LDT's limit, the
+/// guest's).
 fn runnable(entry: &NormalModeEntry) -> bool {
+    let ldt_holds = |s: &crate::monitor::segments::EntrySegment| {
+        !s.selector.in_ldt()
+            || (s.selector.index() < SHADOW_LDT_ENTRIES
+                && descriptor_address(s.selector, entry.tables.gdt, entry.tables.ldt).is_some())
+    };
     entry.debug.is_none()
         && !entry.cr0.intersects(Cr0::TS | Cr0::EM)
         && !entry.stack_16bit
-        && entry.segments.iter().all(|s| !s.selector.in_ldt())
+        && entry.segments.iter().all(ldt_holds)
 }
 
 /// CR0 while the guest runs: the host's, with the guest's AM (alignment
@@ -2223,6 +2241,68 @@ mod tests {
             g.segment_fault(VEC_SS, 0x48, &mut gdt, &mut tracker),
             SegmentExit::Client
         );
+    }
+
+    #[test]
+    fn an_ldt_selector_is_read_from_the_guests_ldt_in_guest_memory() {
+        let mut g = guest_with_gdt();
+        // The guest's LDT: 4 entries in the GDT's page at +0x200.
+        let ldt = 0x200;
+        g.host
+            .write_u64(RAM_BASE + GDT_PHYS + ldt + 2 * 8, FRESH_DS);
+        g.entry.tables.ldt = Some((GDT_LINEAR + ldt, 4 * 8 - 1));
+        let mut gdt = RunGdt::of_entry(&g.entry.segments);
+        let mut tracker = DirtyTracker::new();
+        // `mov es, 0x17` (LDT index 2): filled from ldt.base + 16, not
+        // present until the checks pass; then the guest's A is set there.
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x14, &mut gdt, &mut tracker),
+            SegmentExit::Resume
+        );
+        assert_eq!(gdt.ldt_descriptors(), [(2, FRESH_DS & !(1 << 47) | DESC_A)]);
+        assert_eq!(gdt.descriptors().len(), 2, "the GDT's list unchanged");
+        assert_eq!(
+            g.segment_fault(VEC_NP, 0x14, &mut gdt, &mut tracker),
+            SegmentExit::Resume
+        );
+        assert_eq!(
+            g.host.read_u64(RAM_BASE + GDT_PHYS + ldt + 16),
+            FRESH_DS | DESC_A
+        );
+        assert_eq!(gdt.ldt_descriptors(), [(2, FRESH_DS | DESC_A)]);
+        // The same index in the GDT is another entry (9 there: a load of
+        // GDT index 2 reads gdt.base + 16).
+        assert_eq!(g.host.read_u64(RAM_BASE + GDT_PHYS + 16), 0);
+        // Beyond the LDT's limit, and any LDT selector without an LDT:
+        // the guest's #GP.
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x24, &mut gdt, &mut tracker),
+            SegmentExit::Guest
+        );
+        g.entry.tables.ldt = None;
+        assert_eq!(
+            g.segment_fault(VEC_GP, 0x0c, &mut gdt, &mut tracker),
+            SegmentExit::Guest
+        );
+    }
+
+    #[test]
+    fn ldt_entry_registers_run_natively_when_the_ldt_holds_them() {
+        let mut g = guest_with_gdt();
+        let d = Descriptor(FRESH_DS | DESC_A);
+        g.entry.segments[seg::DS] = crate::monitor::segments::EntrySegment {
+            selector: Selector(0x0f),
+            descriptor: Some(d),
+            base_msr: None,
+        };
+        assert!(!runnable(&g.entry), "no LDT");
+        g.entry.tables.ldt = Some((GDT_LINEAR + 0x200, 8 - 1));
+        assert!(!runnable(&g.entry), "index 1 beyond the limit");
+        g.entry.tables.ldt = Some((GDT_LINEAR + 0x200, 16 - 1));
+        assert!(runnable(&g.entry));
+        g.entry.segments[seg::DS].selector = Selector(SHADOW_LDT_ENTRIES << 3 | 7);
+        g.entry.tables.ldt = Some((GDT_LINEAR + 0x200, 0xffff));
+        assert!(!runnable(&g.entry), "past the shadow LDT's page");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The OS-independent monitor: no FreeBSD type appears here.
 pub mod exec;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod instance;
 pub mod mmu;
 pub mod ram;

@@ -8,15 +8,19 @@
 //!   starts ([`entry_segment`]): the hidden part of a segment register is
 //!   what counts, even when the guest changed its tables since;
 //! - the guest's descriptors, for the loads guest code does itself while it
-//!   runs ([`shadow_of_guest`]), read from the guest's GDT in guest memory
-//!   lazily, one per faulting index ([`RunGdt`]).
+//!   runs ([`shadow_of_guest`]), read from the guest's GDT or LDT in guest
+//!   memory lazily, one per faulting index ([`RunGdt`]).
 //!
 //! # The lazy fill
 //!
 //! Every index the shadow does not hold is an empty entry, so a load of
 //! any other GDT selector faults #GP(selector) after the CPU found the
-//! selector within the monitor GDT's limit. The monitor then reads the
-//! guest's descriptor at `gdt.base + index * 8` through the guest's page
+//! selector within the monitor GDT's limit. The same for LDT selectors:
+//! the world switch loads a shadow LDT (one page) for every run, its limit
+//! the guest's LDTR limit cut to that page (0 when the guest has no LDT:
+//! every LDT selector is then beyond it, as under a null LDTR). The
+//! monitor then reads the guest's descriptor at `gdt.base + index * 8`
+//! (`ldt.base + index * 8` for an LDT selector) through the guest's page
 //! tables (implicit supervisor reads), installs its shadow and resumes the
 //! guest, which retries the load with the guest's descriptor in place: the
 //! CPU makes every check of the guest CPU (type, DPL/RPL/CPL, present).
@@ -29,15 +33,19 @@
 //! switch loads another task's TLS entries), and the next EXEC starts again
 //! from the entry registers.
 //!
-//! What the client emulates (SOFTMMU) instead: LDT selectors (the switch
-//! loads no LDT yet), the indices the world switch keeps for itself, the
-//! indices of entry registers (their hidden part may differ from the table),
-//! code segments, system descriptors and gates, writable 16-bit data (a
-//! 16-bit stack), a GDT page that is not RAM or not mapped, and loads beyond
-//! the [`RUN_DESCRIPTORS`] entries one run can hold. One difference stays:
-//! LAR, LSL, VERR and VERW never fault, so on a GDT selector that no segment
-//! register holds and no load filled in this EXEC they report "invalid"
-//! (ZF = 0) where the guest's CPU would read its table.
+//! What the client emulates (SOFTMMU) instead: the GDT indices the world
+//! switch keeps for itself, LDT indices past the shadow LDT's page
+//! ([`SHADOW_LDT_ENTRIES`]), the indices of entry registers (their hidden
+//! part may differ from the table), code segments, system descriptors and
+//! gates, writable 16-bit data (a 16-bit stack), a table page that is not
+//! RAM or not mapped, and loads beyond the [`RUN_DESCRIPTORS`] GDT (and
+//! [`RUN_LDT_DESCRIPTORS`] LDT) entries one run can hold. One difference
+//! stays: LAR, LSL, VERR and VERW never fault, so on a selector that no
+//! segment register holds and no load filled in this EXEC they report
+//! "invalid" (ZF = 0) where the guest's CPU would read its table; and on
+//! a filled entry that still waits for its accessed bit (installed not
+//! present, see above) LAR reads P = 0 and A = 1 where the guest's CPU
+//! reads P = 1 and A = 0.
 //!
 //! The host runs in IA-32e mode; guest code runs in 64-bit mode (CS.L = 1
 //! in a long-mode guest) or in compatibility mode, which applies 16- and
@@ -50,6 +58,7 @@ use bitflags::bitflags;
 
 use crate::abi::KqemuSegmentCache;
 use crate::monitor::mmu::GuestVirt;
+use crate::monitor::switch;
 
 bitflags! {
     /// The attribute bits of a code or data segment descriptor, in place in
@@ -258,7 +267,8 @@ pub enum ShadowDescriptor {
     /// An empty entry (all zero). Loading it faults with #GP(selector),
     /// which is what the guest gets for loading a system descriptor into a
     /// segment register; a far transfer through a guest gate or TSS ends
-    /// there too and must be emulated by the client ([`needs_client`]).
+    /// there too and goes to the client (`RunGdt::fill` refuses system
+    /// descriptors).
     Empty,
 }
 
@@ -328,13 +338,6 @@ pub fn on_not_present(guest: Descriptor) -> NotPresent {
     } else {
         NotPresent::GuestFault
     }
-}
-
-/// Whether a fault on the shadow entry of `guest` is a transfer the client
-/// must emulate (a gate, a TSS, an LDT descriptor) rather than a fault of
-/// the guest's own: a #GP(selector) on an empty entry.
-pub fn needs_client(guest: Descriptor) -> bool {
-    matches!(guest.kind(), DescriptorKind::System(_)) && guest.present()
 }
 
 /// Linear address of the descriptor `selector` names, in the guest's GDT
@@ -561,7 +564,13 @@ pub fn cache_of_load(selector: Selector, guest: Descriptor) -> KqemuSegmentCache
 /// `set_guest_descriptors`); the entry registers take up to six of them
 /// when they all differ, which no guest OS does (code, data and a TLS
 /// entry are the usual three).
-pub const RUN_DESCRIPTORS: usize = 6;
+pub const RUN_DESCRIPTORS: usize = switch::GUEST_DESCRIPTORS;
+/// Shadow LDT entries one run can hold (switch.rs `set_guest_ldt`).
+pub const RUN_LDT_DESCRIPTORS: usize = switch::GUEST_LDT_DESCRIPTORS;
+/// LDT indices the shadow LDT has room for: loads of higher ones go to the
+/// client.
+pub const SHADOW_LDT_ENTRIES: u16 = switch::SHADOW_LDT_ENTRIES as u16;
+const _: () = assert!(RUN_DESCRIPTORS == RUN_LDT_DESCRIPTORS);
 
 /// Vectors of the faults a segment load raises at CPL 3 (SDM Vol. 3A
 /// Table 6-1): #NP, #SS and #GP with the selector as error code.
@@ -577,24 +586,18 @@ const ERROR_EXT_IDT: u64 = 0b11;
 enum Stage {
     /// Built from the client's segment cache of an entry register.
     Entry,
-    /// Read from the guest's GDT in this EXEC; a fault on it is the
+    /// Read from the guest's table in this EXEC; a fault on it is the
     /// guest's own.
     Filled,
-    /// Read from the guest's GDT with its accessed bit clear: the shadow
+    /// Read from the guest's table with its accessed bit clear: the shadow
     /// entry is not present until the CPU's first load passes every check
     /// and faults #NP or #SS, which sets the guest's bit.
     AwaitingAccessed,
 }
 
-/// The guest descriptors of one EXEC, at their GDT indices: the entry
-/// registers' (from the client's caches), then those filled lazily from
-/// the guest's own GDT when guest code loads another selector (kqemu kept
-/// a shadow of the guest's whole GDT instead, tracked through the
-/// descriptor-table dirty flag). A fill lives for the EXEC only: the
-/// guest OS may change its tables between EXECs, and the next EXEC
-/// starts again from the entry registers.
+/// The entries of one shadow table (GDT or LDT) for one EXEC.
 #[derive(Clone, Copy, Debug)]
-pub struct RunGdt {
+struct Table {
     shadow: [(u16, u64); RUN_DESCRIPTORS],
     /// The guest's descriptor of each filled entry (accessed bit as read).
     guest: [Descriptor; RUN_DESCRIPTORS],
@@ -602,26 +605,72 @@ pub struct RunGdt {
     len: usize,
 }
 
+impl Table {
+    const EMPTY: Self = Self {
+        shadow: [(0, 0); RUN_DESCRIPTORS],
+        guest: [Descriptor(0); RUN_DESCRIPTORS],
+        stage: [Stage::Entry; RUN_DESCRIPTORS],
+        len: 0,
+    };
+
+    /// Adds an entry; false when the index has one or the table is full.
+    fn push(&mut self, index: u16, raw: u64, guest: Descriptor, stage: Stage) -> bool {
+        if self.position(index).is_some() || self.len == RUN_DESCRIPTORS {
+            return false;
+        }
+        self.shadow[self.len] = (index, raw);
+        self.guest[self.len] = guest;
+        self.stage[self.len] = stage;
+        self.len += 1;
+        true
+    }
+
+    fn position(&self, index: u16) -> Option<usize> {
+        self.shadow[..self.len]
+            .iter()
+            .position(|&(i, _)| i == index)
+    }
+}
+
+/// The guest descriptors of one EXEC, at their GDT and LDT indices: the
+/// entry registers' (from the client's caches), then those filled lazily
+/// from the guest's own GDT or LDT when guest code loads another selector
+/// (kqemu kept a shadow of the guest's whole GDT and LDT instead, tracked
+/// through the descriptor-table dirty flag). A fill lives for the EXEC
+/// only: the guest OS may change its tables between EXECs (a context
+/// switch, `modify_ldt`), and the next EXEC starts again from the entry
+/// registers.
+#[derive(Clone, Copy, Debug)]
+pub struct RunGdt {
+    gdt: Table,
+    ldt: Table,
+}
+
 /// What a #GP, #NP or #SS exit of guest code comes to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SegmentFault {
-    /// Not a load of a GDT selector the monitor fills (an LDT selector,
-    /// an entry register's index, the monitor's own indices, a full
-    /// table, an error code without a selector): the client emulates.
+    /// Not a load of a selector the monitor fills (an entry register's
+    /// index, the monitor's own GDT indices, an LDT index past the shadow
+    /// LDT, a full table, an error code without a selector): the client
+    /// emulates.
     Client,
     /// The guest's own exception, exactly as the CPU raised it: a second
     /// fault on a filled index (the shadow mirrors the guest's
     /// descriptor, so the CPU made the guest CPU's checks), or a selector
-    /// beyond the GDT limit (#GP(selector), SDM Vol. 3A 5.4.1).
+    /// beyond the GDT or LDT limit, or an LDT selector without an LDT
+    /// (#GP(selector), SDM Vol. 3A 5.4.1).
     Guest,
-    /// Read the guest's descriptor for GDT entry `index` at `linear`,
-    /// then [`RunGdt::fill`].
-    Read { index: u16, linear: GuestVirt },
-    /// The load of filled entry `index` passed every check: set the
+    /// Read the guest's descriptor for `selector` (RPL 0: the table and
+    /// index) at `linear`, then [`RunGdt::fill`].
+    Read {
+        selector: Selector,
+        linear: GuestVirt,
+    },
+    /// The load of filled entry `selector` passed every check: set the
     /// accessed bit of the guest's descriptor at `linear` (in guest
     /// memory, as the CPU would), then [`RunGdt::accessed`].
     SetAccessed {
-        index: u16,
+        selector: Selector,
         linear: GuestVirt,
         guest: Descriptor,
     },
@@ -641,45 +690,58 @@ impl RunGdt {
     /// The entry registers' descriptors of `segments` (ABI order).
     pub fn of_entry(segments: &[EntrySegment]) -> Self {
         let mut gdt = Self {
-            shadow: [(0, 0); RUN_DESCRIPTORS],
-            guest: [Descriptor(0); RUN_DESCRIPTORS],
-            stage: [Stage::Entry; RUN_DESCRIPTORS],
-            len: 0,
+            gdt: Table::EMPTY,
+            ldt: Table::EMPTY,
         };
         for s in segments {
             if let Some(d) = s.descriptor {
-                gdt.push(s.selector.index(), d.0, Descriptor(0), Stage::Entry);
+                gdt.table_mut(s.selector).push(
+                    s.selector.index(),
+                    d.0,
+                    Descriptor(0),
+                    Stage::Entry,
+                );
             }
         }
         gdt
     }
 
-    /// Adds an entry; false when the index has one or the table is full.
-    fn push(&mut self, index: u16, raw: u64, guest: Descriptor, stage: Stage) -> bool {
-        if self.position(index).is_some() || self.len == RUN_DESCRIPTORS {
-            return false;
+    fn table(&self, selector: Selector) -> &Table {
+        if selector.in_ldt() {
+            &self.ldt
+        } else {
+            &self.gdt
         }
-        self.shadow[self.len] = (index, raw);
-        self.guest[self.len] = guest;
-        self.stage[self.len] = stage;
-        self.len += 1;
-        true
     }
 
-    fn position(&self, index: u16) -> Option<usize> {
-        self.shadow[..self.len]
-            .iter()
-            .position(|&(i, _)| i == index)
+    fn table_mut(&mut self, selector: Selector) -> &mut Table {
+        if selector.in_ldt() {
+            &mut self.ldt
+        } else {
+            &mut self.gdt
+        }
     }
 
     /// (GDT index, descriptor) pairs for the world switch.
     pub fn descriptors(&self) -> &[(u16, u64)] {
-        &self.shadow[..self.len]
+        &self.gdt.shadow[..self.gdt.len]
+    }
+
+    /// (LDT index, descriptor) pairs for the world switch's shadow LDT.
+    pub fn ldt_descriptors(&self) -> &[(u16, u64)] {
+        &self.ldt.shadow[..self.ldt.len]
     }
 
     /// Classifies an exit with `vector` and `error_code`, given the
-    /// guest's GDT (`gdt`: base, byte limit).
-    pub fn on_fault(&self, vector: u8, error_code: u64, gdt: (u64, u32)) -> SegmentFault {
+    /// guest's GDT (`gdt`: base, byte limit) and LDT (`ldt`, `None`: a
+    /// null LDTR).
+    pub fn on_fault(
+        &self,
+        vector: u8,
+        error_code: u64,
+        gdt: (u64, u32),
+        ldt: Option<(u64, u32)>,
+    ) -> SegmentFault {
         if !matches!(vector, VEC_NP | VEC_SS | VEC_GP)
             || error_code & ERROR_EXT_IDT != 0
             || error_code == 0
@@ -687,29 +749,31 @@ impl RunGdt {
         {
             return SegmentFault::Client;
         }
-        let selector = Selector(error_code as u16);
-        // LDT selectors need an LDT in the switcher (see
-        // notes/segments-ldt.md); the monitor's own entries are not the
-        // guest's.
-        if selector.in_ldt() || selector.index() >= MONITOR_GDT_FIRST {
+        let selector = Selector(error_code as u16 & !3);
+        let index = selector.index();
+        // The monitor's own GDT entries are not the guest's; LDT entries
+        // past the shadow LDT's page are beyond its limit there, not
+        // necessarily in the guest's LDT.
+        if !selector.in_ldt() && index >= MONITOR_GDT_FIRST {
             return SegmentFault::Client;
         }
-        let index = selector.index();
-        if let Some(i) = self.position(index) {
-            return match (self.stage[i], vector) {
+        let beyond_shadow = selector.in_ldt() && index >= SHADOW_LDT_ENTRIES;
+        let table = self.table(selector);
+        if let Some(i) = table.position(index) {
+            return match (table.stage[i], vector) {
                 // The hidden part of an entry register may differ from the
                 // guest's table: only the client knows the table then.
                 (Stage::Entry, _) => SegmentFault::Client,
                 (Stage::Filled, _) | (Stage::AwaitingAccessed, VEC_GP) => SegmentFault::Guest,
                 (Stage::AwaitingAccessed, _) => {
                     match (
-                        on_not_present(self.guest[i]),
-                        descriptor_address(selector, gdt, None),
+                        on_not_present(table.guest[i]),
+                        descriptor_address(selector, gdt, ldt),
                     ) {
                         (NotPresent::SetAccessed, Some(linear)) => SegmentFault::SetAccessed {
-                            index,
+                            selector,
                             linear,
-                            guest: self.guest[i],
+                            guest: table.guest[i],
                         },
                         (NotPresent::GuestFault, _) => SegmentFault::Guest,
                         (_, None) => SegmentFault::Client,
@@ -722,17 +786,18 @@ impl RunGdt {
         if vector != VEC_GP {
             return SegmentFault::Client;
         }
-        match descriptor_address(selector, gdt, None) {
-            // Beyond the guest's limit: the guest CPU raises #GP(selector)
-            // too, the same exception from the same instruction.
+        match descriptor_address(selector, gdt, ldt) {
+            // Beyond the guest's limit (or no LDT): the guest CPU raises
+            // #GP(selector) too, the same exception from the same
+            // instruction.
             None => SegmentFault::Guest,
-            Some(_) if self.len == RUN_DESCRIPTORS => SegmentFault::Client,
-            Some(linear) => SegmentFault::Read { index, linear },
+            Some(_) if beyond_shadow || table.len == RUN_DESCRIPTORS => SegmentFault::Client,
+            Some(linear) => SegmentFault::Read { selector, linear },
         }
     }
 
-    /// Installs the shadow of `guest`, GDT entry `index` as read for
-    /// [`SegmentFault::Read`].
+    /// Installs the shadow of `guest`, the entry of `selector` (RPL 0) as
+    /// read for [`SegmentFault::Read`].
     ///
     /// Filled: data segments (their shadow from [`shadow_of_guest`]) and
     /// all-zero entries (a load of one faults #GP(selector) on the guest
@@ -743,7 +808,7 @@ impl RunGdt {
     ///   code base and size the monitor took from the entry CS;
     /// - writable data with D/B = 0: loaded into SS it is a 16-bit stack,
     ///   whose ESP bits 31:16 the world switch's IRET cannot restore.
-    pub fn fill(&mut self, index: u16, guest: Descriptor, mode: CpuMode) -> Fill {
+    pub fn fill(&mut self, selector: Selector, guest: Descriptor, mode: CpuMode) -> Fill {
         match guest.kind() {
             DescriptorKind::System(_) if guest.0 != 0 => return Fill::Client,
             DescriptorKind::Code { .. } => return Fill::Client,
@@ -754,6 +819,9 @@ impl RunGdt {
             }
             _ => {}
         }
+        if selector.in_ldt() && selector.index() >= SHADOW_LDT_ENTRIES {
+            return Fill::Client;
+        }
         // A present data segment without A: its shadow is not present
         // until the load passes its checks (`shadow_of_guest`).
         let stage = if guest.present() && !guest.flags().contains(DescriptorFlags::ACCESSED) {
@@ -761,35 +829,41 @@ impl RunGdt {
         } else {
             Stage::Filled
         };
-        if self.push(index, shadow_of_guest(guest, mode).raw(), guest, stage) {
+        let raw = shadow_of_guest(guest, mode).raw();
+        if self
+            .table_mut(selector)
+            .push(selector.index(), raw, guest, stage)
+        {
             Fill::Installed
         } else {
             Fill::Client
         }
     }
 
-    /// The guest's descriptor at `index` has its accessed bit now: the
+    /// The guest's descriptor of `selector` has its accessed bit now: the
     /// shadow entry becomes present and the guest retries the load.
-    pub fn accessed(&mut self, index: u16, mode: CpuMode) {
-        if let Some(i) = self.position(index) {
-            let guest = self.guest[i].with_accessed();
-            self.guest[i] = guest;
-            self.shadow[i].1 = shadow_of_guest(guest, mode).raw();
-            self.stage[i] = Stage::Filled;
+    pub fn accessed(&mut self, selector: Selector, mode: CpuMode) {
+        let table = self.table_mut(selector);
+        if let Some(i) = table.position(selector.index()) {
+            let guest = table.guest[i].with_accessed();
+            table.guest[i] = guest;
+            table.shadow[i].1 = shadow_of_guest(guest, mode).raw();
+            table.stage[i] = Stage::Filled;
         }
     }
 
     /// The client's cache of `selector` when guest code loaded it from a
-    /// filled entry (`None`: not a filled GDT entry).
+    /// filled entry (`None`: not a filled entry).
     pub fn loaded_cache(&self, selector: Selector) -> Option<KqemuSegmentCache> {
-        if selector.in_ldt() || selector.is_null() {
+        if selector.is_null() {
             return None;
         }
-        let i = self.position(selector.index())?;
+        let table = self.table(selector);
+        let i = table.position(selector.index())?;
         // A load completed only from a present entry, after which the
         // guest's descriptor has its accessed bit.
-        (self.stage[i] == Stage::Filled && self.guest[i].present())
-            .then(|| cache_of_load(selector, self.guest[i].with_accessed()))
+        (table.stage[i] == Stage::Filled && table.guest[i].present())
+            .then(|| cache_of_load(selector, table.guest[i].with_accessed()))
     }
 }
 
@@ -940,8 +1014,6 @@ mod tests {
             assert_eq!(shadow_of_guest(d, CpuMode::Legacy), ShadowDescriptor::Empty);
             assert_eq!(ShadowDescriptor::Empty.raw(), 0);
         }
-        assert!(needs_client(call_gate) && needs_client(tss));
-        assert!(!needs_client(Descriptor(0)) && !needs_client(Descriptor(USER_DS)));
     }
 
     #[test]
@@ -1214,14 +1286,17 @@ mod tests {
         );
         // `mov fs, 0x3b`: the empty shadow entry raised #GP(0x38).
         assert_eq!(
-            gdt.on_fault(GP, 0x38, table),
+            gdt.on_fault(GP, 0x38, table, None),
             SegmentFault::Read {
-                index: 7,
+                selector: Selector(0x38),
                 linear: GuestVirt::new(0xc100_0038)
             }
         );
         let tls = Descriptor::segment(0x1234_5000, 0xfff, P | S | RW | A | DB | DPL3);
-        assert_eq!(gdt.fill(7, tls, CpuMode::Legacy), Fill::Installed);
+        assert_eq!(
+            gdt.fill(Selector(7 << 3), tls, CpuMode::Legacy),
+            Fill::Installed
+        );
         assert_eq!(gdt.descriptors()[3], (7, tls.0));
         // Loaded natively now; the cache the client gets is the guest's.
         let c = gdt.loaded_cache(Selector(0x3b)).expect("filled");
@@ -1230,7 +1305,7 @@ mod tests {
         // A second fault on it is the guest's (e.g. `mov ss` of a
         // read-only copy would be; here any #GP/#NP/#SS).
         for v in [GP, NP, SS] {
-            assert_eq!(gdt.on_fault(v, 0x38, table), SegmentFault::Guest);
+            assert_eq!(gdt.on_fault(v, 0x38, table, None), SegmentFault::Guest);
         }
     }
 
@@ -1238,13 +1313,12 @@ mod tests {
     fn faults_the_monitor_leaves_to_the_client() {
         let (gdt, table) = i386_run();
         // Entry registers' indices: the table may differ from the cache.
-        assert_eq!(gdt.on_fault(GP, 0x78, table), SegmentFault::Client);
-        // LDT selectors, the monitor's indices, no selector, IDT/EXT bits,
-        // #TS, and #NP/#SS on an index the shadow does not hold.
+        assert_eq!(gdt.on_fault(GP, 0x78, table, None), SegmentFault::Client);
+        // The monitor's indices, no selector, IDT/EXT bits, #TS, and
+        // #NP/#SS on an index the shadow does not hold.
         let monitor = u64::from(MONITOR_GDT_FIRST) << 3;
         let big = (0, 0xffff);
         for (v, e, t) in [
-            (GP, 0x3c, table),
             (GP, monitor, big),
             (GP, monitor + 0x10, big),
             (GP, 0, table),
@@ -1255,19 +1329,26 @@ mod tests {
             (SS, 0x38, table),
             (14, 0x38, table),
         ] {
-            assert_eq!(gdt.on_fault(v, e, t), SegmentFault::Client, "{v} {e:#x}");
+            assert_eq!(
+                gdt.on_fault(v, e, t, None),
+                SegmentFault::Client,
+                "{v} {e:#x}"
+            );
         }
     }
 
     #[test]
     fn beyond_the_limit_is_the_guests_gp() {
         let (gdt, table) = i386_run();
-        assert_eq!(gdt.on_fault(GP, 0x100, table), SegmentFault::Guest);
+        assert_eq!(gdt.on_fault(GP, 0x100, table, None), SegmentFault::Guest);
         // A descriptor that ends past the limit is beyond it too.
-        assert_eq!(gdt.on_fault(GP, 0x38, (0, 0x3e)), SegmentFault::Guest);
+        assert_eq!(gdt.on_fault(GP, 0x38, (0, 0x3e), None), SegmentFault::Guest);
         assert!(matches!(
-            gdt.on_fault(GP, 0x38, (0, 0x3f)),
-            SegmentFault::Read { index: 7, .. }
+            gdt.on_fault(GP, 0x38, (0, 0x3f), None),
+            SegmentFault::Read {
+                selector: Selector(0x38),
+                ..
+            }
         ));
     }
 
@@ -1277,7 +1358,7 @@ mod tests {
         let legacy = CpuMode::Legacy;
         let filled = |d: Descriptor| {
             let mut g = gdt;
-            let r = g.fill(9, d, legacy);
+            let r = g.fill(Selector(9 << 3), d, legacy);
             (r, g)
         };
         // DPL 0 data: mirrored with its DPL; the retried load faults #GP
@@ -1286,18 +1367,18 @@ mod tests {
         let (r, g) = filled(kernel_ds);
         assert_eq!(r, Fill::Installed);
         assert_eq!(g.descriptors()[3], (9, kernel_ds.0));
-        assert_eq!(g.on_fault(GP, 0x48, table), SegmentFault::Guest);
+        assert_eq!(g.on_fault(GP, 0x48, table, None), SegmentFault::Guest);
         // An all-zero entry: #GP(selector) natively and on the guest CPU.
         let (r, g) = filled(Descriptor(0));
         assert_eq!(r, Fill::Installed);
         assert_eq!(g.descriptors()[3], (9, 0));
-        assert_eq!(g.on_fault(GP, 0x48, table), SegmentFault::Guest);
+        assert_eq!(g.on_fault(GP, 0x48, table, None), SegmentFault::Guest);
         // Not present (A set): #NP or #SS natively, the guest's.
         let absent = Descriptor(USER_DS & !P.bits() | A.bits());
         let (r, g) = filled(absent);
         assert_eq!(r, Fill::Installed);
-        assert_eq!(g.on_fault(NP, 0x48, table), SegmentFault::Guest);
-        assert_eq!(g.on_fault(SS, 0x48, table), SegmentFault::Guest);
+        assert_eq!(g.on_fault(NP, 0x48, table, None), SegmentFault::Guest);
+        assert_eq!(g.on_fault(SS, 0x48, table, None), SegmentFault::Guest);
         assert_eq!(g.loaded_cache(Selector(0x4b)), None);
         // System descriptors, gates (present or not), code segments and
         // writable 16-bit data: the client.
@@ -1323,26 +1404,29 @@ mod tests {
     fn the_accessed_bit_is_set_when_the_load_passes_its_checks() {
         let (mut gdt, table) = i386_run();
         let fresh = Descriptor(USER_DS);
-        assert_eq!(gdt.fill(9, fresh, CpuMode::Legacy), Fill::Installed);
+        assert_eq!(
+            gdt.fill(Selector(9 << 3), fresh, CpuMode::Legacy),
+            Fill::Installed
+        );
         let (_, raw) = gdt.descriptors()[3];
         assert!(!Descriptor(raw).present(), "not present until accessed");
         assert_eq!(gdt.loaded_cache(Selector(0x4b)), None);
         // A type or privilege failure comes first: #GP is the guest's, and
         // the guest's A stays clear as on the CPU.
-        assert_eq!(gdt.on_fault(GP, 0x48, table), SegmentFault::Guest);
+        assert_eq!(gdt.on_fault(GP, 0x48, table, None), SegmentFault::Guest);
         for v in [NP, SS] {
             assert_eq!(
-                gdt.on_fault(v, 0x48, table),
+                gdt.on_fault(v, 0x48, table, None),
                 SegmentFault::SetAccessed {
-                    index: 9,
+                    selector: Selector(0x48),
                     linear: GuestVirt::new(0xc100_0048),
                     guest: fresh
                 }
             );
         }
-        gdt.accessed(9, CpuMode::Legacy);
+        gdt.accessed(Selector(0x48), CpuMode::Legacy);
         assert_eq!(gdt.descriptors()[3], (9, USER_DS | A.bits()));
-        assert_eq!(gdt.on_fault(NP, 0x48, table), SegmentFault::Guest);
+        assert_eq!(gdt.on_fault(NP, 0x48, table, None), SegmentFault::Guest);
         let c = gdt.loaded_cache(Selector(0x4b)).expect("loaded");
         assert_eq!(c.flags, ((USER_DS | A.bits()) >> 32) as u32);
     }
@@ -1351,28 +1435,164 @@ mod tests {
     fn fills_stop_when_the_switch_holds_no_more() {
         let (mut gdt, table) = i386_run();
         let tls = Descriptor(USER_DS | A.bits());
-        for index in 9..12 {
+        let entry = gdt.descriptors().len();
+        let last = 16 + (RUN_DESCRIPTORS - entry) as u16;
+        for index in 16..last {
             assert!(matches!(
-                gdt.on_fault(GP, u64::from(index) << 3, table),
+                gdt.on_fault(GP, u64::from(index) << 3, table, None),
                 SegmentFault::Read { .. }
             ));
-            assert_eq!(gdt.fill(index, tls, CpuMode::Legacy), Fill::Installed);
+            assert_eq!(
+                gdt.fill(Selector(index << 3), tls, CpuMode::Legacy),
+                Fill::Installed
+            );
         }
         assert_eq!(gdt.descriptors().len(), RUN_DESCRIPTORS);
+        assert_eq!(RUN_DESCRIPTORS, 16, "what the switch holds");
         // An index is never filled twice, nor over an entry register's.
-        assert_eq!(gdt.fill(9, tls, CpuMode::Legacy), Fill::Client);
-        assert_eq!(gdt.fill(15, tls, CpuMode::Legacy), Fill::Client);
-        assert_eq!(gdt.on_fault(GP, 12 << 3, table), SegmentFault::Client);
-        assert_eq!(gdt.fill(12, tls, CpuMode::Legacy), Fill::Client);
+        assert_eq!(
+            gdt.fill(Selector(16 << 3), tls, CpuMode::Legacy),
+            Fill::Client
+        );
+        assert_eq!(
+            gdt.fill(Selector(15 << 3), tls, CpuMode::Legacy),
+            Fill::Client
+        );
+        let next = u64::from(last) << 3;
+        assert_eq!(gdt.on_fault(GP, next, table, None), SegmentFault::Client);
+        assert_eq!(
+            gdt.fill(Selector(last << 3), tls, CpuMode::Legacy),
+            Fill::Client
+        );
         // Beyond the limit is still the guest's.
-        assert_eq!(gdt.on_fault(GP, 40 << 3, table), SegmentFault::Guest);
+        assert_eq!(gdt.on_fault(GP, 40 << 3, table, None), SegmentFault::Guest);
+        // The LDT's entries are counted apart.
+        let ldt = Some((0x8000_0000, 0xfff));
+        assert!(matches!(
+            gdt.on_fault(GP, 0x0c, table, ldt),
+            SegmentFault::Read { .. }
+        ));
+        assert_eq!(
+            gdt.fill(Selector(0x0c), tls, CpuMode::Legacy),
+            Fill::Installed
+        );
+        assert_eq!(gdt.ldt_descriptors(), [(1, tls.0)]);
+    }
+
+    /// An LDT of 16 entries at 0x8000_0000.
+    const LDT: Option<(u64, u32)> = Some((0x8000_0000, 16 * 8 - 1));
+
+    #[test]
+    fn an_ldt_selector_is_read_from_the_guests_ldt() {
+        let (mut gdt, table) = i386_run();
+        // `mov ds, 0x0f` (LDT index 1, RPL 3): #GP(0x0c) on the empty
+        // shadow LDT entry; read at ldt.base + 8.
+        assert_eq!(
+            gdt.on_fault(GP, 0x0c, table, LDT),
+            SegmentFault::Read {
+                selector: Selector(0x0c),
+                linear: GuestVirt::new(0x8000_0008)
+            }
+        );
+        let d = Descriptor::segment(0x1_0000, 0xff, P | S | RW | A | DB | DPL3);
+        assert_eq!(
+            gdt.fill(Selector(0x0c), d, CpuMode::Legacy),
+            Fill::Installed
+        );
+        assert_eq!(gdt.ldt_descriptors(), [(1, d.0)]);
+        assert_eq!(gdt.descriptors().len(), 3, "the GDT's list unchanged");
+        // GDT index 1 is another entry.
+        assert!(matches!(
+            gdt.on_fault(GP, 0x08, table, LDT),
+            SegmentFault::Read {
+                selector: Selector(0x08),
+                ..
+            }
+        ));
+        let c = gdt.loaded_cache(Selector(0x0f)).expect("loaded");
+        assert_eq!((c.selector, c.base, c.limit), (0x0f, 0x1_0000, 0xff));
+        assert_eq!(gdt.loaded_cache(Selector(0x0b)), None, "GDT index 1");
+        // A second fault is the guest's.
+        assert_eq!(gdt.on_fault(GP, 0x0c, table, LDT), SegmentFault::Guest);
+        // Not accessed yet: set in the guest's LDT once the checks pass.
+        let fresh = Descriptor(USER_DS);
+        assert_eq!(
+            gdt.fill(Selector(0x14), fresh, CpuMode::Legacy),
+            Fill::Installed
+        );
+        assert_eq!(
+            gdt.on_fault(NP, 0x14, table, LDT),
+            SegmentFault::SetAccessed {
+                selector: Selector(0x14),
+                linear: GuestVirt::new(0x8000_0010),
+                guest: fresh
+            }
+        );
+        gdt.accessed(Selector(0x14), CpuMode::Legacy);
+        assert_eq!(gdt.ldt_descriptors()[1], (2, USER_DS | A.bits()));
+    }
+
+    #[test]
+    fn ldt_selectors_the_monitor_refuses_or_leaves_to_the_guest() {
+        let (mut gdt, table) = i386_run();
+        // No LDT (null LDTR) or beyond its limit: the guest's #GP.
+        assert_eq!(gdt.on_fault(GP, 0x0c, table, None), SegmentFault::Guest);
+        assert_eq!(
+            gdt.on_fault(GP, 16 << 3 | 4, table, LDT),
+            SegmentFault::Guest
+        );
+        // Within the guest's limit but past the shadow LDT's page: the
+        // client (the CPU checked the shadow's limit, not the guest's).
+        let big = Some((0x8000_0000, 0xffff));
+        let past = u64::from(SHADOW_LDT_ENTRIES) << 3 | 4;
+        assert_eq!(gdt.on_fault(GP, past, table, big), SegmentFault::Client);
+        let last = past - 8;
+        assert!(matches!(
+            gdt.on_fault(GP, last, table, big),
+            SegmentFault::Read { .. }
+        ));
+        let d = Descriptor(USER_DS | A.bits());
+        assert_eq!(
+            gdt.fill(Selector(past as u16), d, CpuMode::Legacy),
+            Fill::Client
+        );
+        // Code and system descriptors in the LDT: the client.
+        for d in [
+            Descriptor(USER_CS32 | A.bits()),
+            Descriptor(0x0000_ec00_0008_1000),
+        ] {
+            assert_eq!(gdt.fill(Selector(0x0c), d, CpuMode::Legacy), Fill::Client);
+        }
+        // The LDT's own capacity.
+        for i in 0..RUN_LDT_DESCRIPTORS as u16 {
+            assert_eq!(
+                gdt.fill(Selector(i << 3 | 4), d, CpuMode::Legacy),
+                Fill::Installed
+            );
+        }
+        assert_eq!(gdt.on_fault(GP, 0x84 | 4, table, big), SegmentFault::Client);
+    }
+
+    #[test]
+    fn an_ldt_entry_register_has_its_shadow_from_the_cache() {
+        let d = Descriptor::segment(0x2_0000, 0xfff, P | S | RW | A | DB | DPL3);
+        let e = entry_segment(SegReg::Ds, &cache(0x0f, d), CpuMode::Legacy).expect("LDT DS");
+        assert_eq!(e.descriptor, Some(d));
+        let gdt = RunGdt::of_entry(&[e]);
+        assert_eq!(gdt.ldt_descriptors(), [(1, d.0)]);
+        assert!(gdt.descriptors().is_empty());
+        // Its index: the table may differ from the cache.
+        assert_eq!(gdt.on_fault(GP, 0x0c, (0, 0xff), LDT), SegmentFault::Client);
     }
 
     #[test]
     fn long_mode_fills_keep_no_l_bit_in_legacy_guests() {
         let (mut gdt, _) = i386_run();
         let data_with_l = Descriptor(USER_DS | A.bits() | L.bits());
-        assert_eq!(gdt.fill(9, data_with_l, CpuMode::Legacy), Fill::Installed);
+        assert_eq!(
+            gdt.fill(Selector(9 << 3), data_with_l, CpuMode::Legacy),
+            Fill::Installed
+        );
         assert_eq!(gdt.descriptors()[3].1, USER_DS | A.bits());
     }
 

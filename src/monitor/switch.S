@@ -157,8 +157,15 @@ kqemu_switch_run:
     movq {A_HOST_CS_SLOT}(%rbx), %rcx
     movq {A_GUEST_AT_HOST_CS}(%rbx), %rax
     movq %rax, (%rcx)
-    xorl %eax, %eax
-    lldt %ax
+    /* The shadow LDT before the guest's data selectors, which may be LDT
+     * selectors. LLDT reads its descriptor from the monitor GDT (loaded
+     * above) and nothing of the LDT itself: the CPU reads the table only
+     * on a load of an LDT selector, through the shadow CR3 (the table's
+     * page is mapped there like the GDT's). Host handlers never load LDT
+     * selectors, so an NMI or machine check on either side of it finds
+     * nothing it needs changed; the exit loads the host's LDTR right
+     * after the host's GDT (whose descriptor it names). */
+    lldt {A_MON_LDTR}(%rbx)
     movq {A_SHADOW_CR3}(%rbx), %rax
     movq %rax, %cr3
 

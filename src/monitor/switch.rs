@@ -103,6 +103,18 @@ const STACKS: usize = 4;
 /// that interrupts the NMI's return (switch.S 4:).
 const FAR_FRAME_WORDS: usize = 2 + 4 + 4;
 
+/// Guest GDT descriptors one run can hold (entry registers and lazy fills,
+/// segments.rs `RunGdt`); [`CpuSwitcher::set_guest_descriptors`] refuses
+/// more.
+pub const GUEST_DESCRIPTORS: usize = 16;
+/// Entries of the shadow LDT: one page. The guest's LDT may be larger (8192
+/// entries); the shadow's limit stops at this page, and the monitor leaves
+/// loads of the indices past it to the client.
+pub const SHADOW_LDT_ENTRIES: usize = 512;
+/// Guest LDT descriptors one run can hold
+/// ([`CpuSwitcher::set_guest_ldt`] refuses more).
+pub const GUEST_LDT_DESCRIPTORS: usize = 16;
+
 /// GDT index of the monitor TSS descriptor (16 bytes: two entries).
 const TSS_INDEX: u16 = MONITOR_GDT_FIRST;
 /// GDT index of the monitor's own code segment M, which every gate of the
@@ -118,6 +130,14 @@ const _: () = assert!(MONITOR_CS_INDEX < MONITOR_GDT_FIRST + MONITOR_GDT_ENTRIES
 /// paper as [`CPUID7_EDX_MD_CLEAR`]). DPL 0 and above every guest index.
 const MONITOR_DS_INDEX: u16 = MONITOR_GDT_FIRST + 3;
 const MONITOR_DS: u16 = MONITOR_DS_INDEX << 3;
+/// GDT index of the descriptor of the block's shadow LDT (16 bytes in
+/// IA-32e mode: two entries, SDM Vol. 3A 7.2.3), which switch.S loads with
+/// LLDT for every run: a guest LDT selector then indexes the shadow LDT.
+const LDT_INDEX: u16 = MONITOR_GDT_FIRST + 4;
+const LDT_SELECTOR: u16 = LDT_INDEX << 3;
+const _: () = assert!(
+    LDT_INDEX > MONITOR_DS_INDEX && LDT_INDEX + 1 < MONITOR_GDT_FIRST + MONITOR_GDT_ENTRIES
+);
 // Clear of the TSS (two entries) and M, inside the monitor's part.
 const _: () = assert!(
     MONITOR_DS_INDEX > TSS_INDEX + 1
@@ -194,6 +214,8 @@ pub struct SwitchArea {
     pub mon_gdtr: PseudoDescriptor,
     pub mon_idtr: PseudoDescriptor,
     pub mon_tr: u64,
+    /// The selector of the shadow LDT's descriptor, loaded with LLDT.
+    pub mon_ldtr: u64,
     /// M, the monitor's code selector.
     pub mon_cs: u64,
     /// The host's CS selector, the address of its index in the monitor
@@ -274,8 +296,12 @@ struct AreaPage {
 #[derive(Clone, Copy, Debug)]
 struct CpuState {
     /// Guest descriptors (GDT index, descriptor) written for the last run.
-    written: [(u16, u64); 6],
+    written: [(u16, u64); GUEST_DESCRIPTORS],
     written_len: usize,
+    /// The same for the shadow LDT, and its byte limit.
+    ldt_written: [(u16, u64); GUEST_LDT_DESCRIPTORS],
+    ldt_written_len: usize,
+    ldt_limit: u32,
     /// Host CS index whose descriptor copy sits in the monitor GDT, and
     /// that descriptor.
     host_cs_index: u16,
@@ -304,11 +330,15 @@ struct CpuBlock {
     idt: [u64; 2 * 256],
     area: AreaPage,
     stacks: [[u64; ENTRIES]; STACKS],
+    /// The shadow LDT: the CPU reads it through the shadow tables on each
+    /// load of an LDT selector (and may set accessed bits in it).
+    ldt: [u64; SHADOW_LDT_ENTRIES],
     tables: [[u64; ENTRIES]; TABLE_PAGES],
 }
 
-/// Pages of a block the guest's space maps: GDT (16), IDT, area, stacks.
-const MAPPED_BLOCK_PAGES: usize = 16 + 1 + 1 + STACKS;
+/// Pages of a block the guest's space maps: GDT (16), IDT, area, stacks,
+/// LDT.
+const MAPPED_BLOCK_PAGES: usize = 16 + 1 + 1 + STACKS + 1;
 
 struct Blocks([UnsafeCell<CpuBlock>; SWITCHER_BLOCKS]);
 
@@ -363,6 +393,7 @@ core::arch::global_asm!(
     A_MON_GDTR = const offset_of!(SwitchArea, mon_gdtr),
     A_MON_IDTR = const offset_of!(SwitchArea, mon_idtr),
     A_MON_TR = const offset_of!(SwitchArea, mon_tr),
+    A_MON_LDTR = const offset_of!(SwitchArea, mon_ldtr),
     A_MON_CS = const offset_of!(SwitchArea, mon_cs),
     A_HOST_CS = const offset_of!(SwitchArea, host_cs),
     A_HOST_CS_SLOT = const offset_of!(SwitchArea, host_cs_slot),
@@ -442,6 +473,8 @@ const _: () = {
     assert!(offset_of!(CpuBlock, idt) == 16 * PAGE);
     assert!(offset_of!(CpuBlock, area) == 17 * PAGE);
     assert!(offset_of!(CpuBlock, stacks) == 18 * PAGE);
+    assert!(offset_of!(CpuBlock, ldt) == (18 + STACKS) * PAGE);
+    assert!(SHADOW_LDT_ENTRIES * 8 == PAGE);
     assert!(offset_of!(CpuBlock, tables) == MAPPED_BLOCK_PAGES * PAGE);
 };
 
@@ -516,6 +549,23 @@ pub fn tss_descriptor(base: u64) -> [u64; 2] {
     let low = (limit & 0xffff)
         | (base & 0xff_ffff) << 16
         | TYPE_AVAILABLE_TSS << 40
+        | PRESENT
+        | ((limit >> 16) & 0xf) << 48
+        | ((base >> 24) & 0xff) << 56;
+    [low, base >> 32]
+}
+
+/// A 16-byte LDT descriptor (system type 2, DPL 0, present) for the table
+/// at `base` with byte limit `limit` (SDM Vol. 3A 7.2.3 and Table 3-2: in
+/// IA-32e mode LDT descriptors are 16 bytes, the upper 8 holding base
+/// bits 63:32 and a zero type field).
+pub fn ldt_descriptor(base: u64, limit: u32) -> [u64; 2] {
+    const TYPE_LDT: u64 = 0x2;
+    const PRESENT: u64 = 1 << 47;
+    let limit = u64::from(limit);
+    let low = (limit & 0xffff)
+        | (base & 0xff_ffff) << 16
+        | TYPE_LDT << 40
         | PRESENT
         | ((limit >> 16) & 0xf) << 48
         | ((base >> 24) & 0xff) << 56;
@@ -939,10 +989,17 @@ fn set_up(
     b.gdt.fill(0);
     b.gdt[usize::from(MONITOR_CS_INDEX)] = monitor_code_descriptor();
     b.gdt[usize::from(MONITOR_DS_INDEX)] = monitor_data_descriptor();
+    b.ldt.fill(0);
+    let ldt = ldt_descriptor(b.ldt.as_ptr() as u64, 0);
+    b.gdt[usize::from(LDT_INDEX)] = ldt[0];
+    b.gdt[usize::from(LDT_INDEX) + 1] = ldt[1];
     write_gates(&mut b.idt, core::ptr::addr_of!(kqemu_switch_vectors) as u64);
     b.area.state = CpuState {
-        written: [(0, 0); 6],
+        written: [(0, 0); GUEST_DESCRIPTORS],
         written_len: 0,
+        ldt_written: [(0, 0); GUEST_LDT_DESCRIPTORS],
+        ldt_written_len: 0,
+        ldt_limit: 0,
         host_cs_index: 0,
         host_cs_desc: 0,
         guest_at_host_cs: 0,
@@ -1067,7 +1124,7 @@ impl CpuSwitcher {
     pub fn set_guest_descriptors(&mut self, descriptors: &[(u16, u64)]) -> Option<()> {
         let b = self.block();
         let cs_index = b.area.state.host_cs_index;
-        let last = b.area.state.written_len.min(6);
+        let last = b.area.state.written_len.min(GUEST_DESCRIPTORS);
         if descriptors.len() == last && *descriptors == b.area.state.written[..last] {
             return Some(());
         }
@@ -1078,7 +1135,10 @@ impl CpuSwitcher {
         }
         b.area.state.written_len = 0;
         b.area.state.guest_at_host_cs = 0;
-        for &(index, raw) in descriptors.iter().take(6) {
+        if descriptors.len() > GUEST_DESCRIPTORS {
+            return None;
+        }
+        for &(index, raw) in descriptors {
             if index == 0 || index >= MONITOR_GDT_FIRST {
                 return None;
             }
@@ -1089,6 +1149,49 @@ impl CpuSwitcher {
             }
             b.area.state.written[b.area.state.written_len] = (index, raw);
             b.area.state.written_len += 1;
+        }
+        Some(())
+    }
+
+    /// Writes the guest's LDT descriptors for a run (LDT index,
+    /// descriptor) in the shadow LDT, after clearing those of the previous
+    /// run, and gives the shadow LDT the guest's byte limit `limit` (0 for
+    /// a guest without an LDT: then every LDT selector is beyond it, the
+    /// #GP(selector) of a null LDTR, SDM Vol. 3A 5.4.1) cut to the shadow's
+    /// page. `None` when an index lies past that page or there are more
+    /// than [`GUEST_LDT_DESCRIPTORS`]. The same list and limit as in the
+    /// last run on this block are left as they are.
+    pub fn set_guest_ldt(&mut self, descriptors: &[(u16, u64)], limit: u32) -> Option<()> {
+        let limit = limit.min((SHADOW_LDT_ENTRIES * 8 - 1) as u32);
+        let b = self.block();
+        let state = &mut b.area.state;
+        let last = state.ldt_written_len.min(GUEST_LDT_DESCRIPTORS);
+        if descriptors.len() == last
+            && *descriptors == state.ldt_written[..last]
+            && limit == state.ldt_limit
+        {
+            return Some(());
+        }
+        for &(index, _) in &state.ldt_written[..last] {
+            b.ldt[usize::from(index)] = 0;
+        }
+        state.ldt_written_len = 0;
+        if limit != state.ldt_limit {
+            let d = ldt_descriptor(b.ldt.as_ptr() as u64, limit);
+            b.gdt[usize::from(LDT_INDEX)] = d[0];
+            b.gdt[usize::from(LDT_INDEX) + 1] = d[1];
+            state.ldt_limit = limit;
+        }
+        if descriptors.len() > GUEST_LDT_DESCRIPTORS {
+            return None;
+        }
+        for &(index, raw) in descriptors {
+            if usize::from(index) >= SHADOW_LDT_ENTRIES {
+                return None;
+            }
+            b.ldt[usize::from(index)] = raw;
+            state.ldt_written[state.ldt_written_len] = (index, raw);
+            state.ldt_written_len += 1;
         }
         Some(())
     }
@@ -1136,6 +1239,7 @@ impl CpuSwitcher {
             base: idt_base,
         };
         a.mon_tr = u64::from(TSS_INDEX) << 3;
+        a.mon_ldtr = u64::from(LDT_SELECTOR);
         a.mon_cs = u64::from(MONITOR_CS);
         let state = &b.area.state;
         a.host_cs = u64::from(state.host_cs_index) << 3;
@@ -1607,6 +1711,19 @@ mod tests {
         assert_eq!((d[0] >> 40) & 0xff, 0x89, "present, type 9");
         assert_eq!(d[0] >> 56, 0x87);
         assert_eq!(d[1], 0xffff_ffff);
+    }
+
+    #[test]
+    fn ldt_descriptor_layout() {
+        let d = ldt_descriptor(0xffff_fe80_1234_5000, 0xfff);
+        assert_eq!(d[0] & 0xffff, 0xfff, "limit 15:0");
+        assert_eq!((d[0] >> 40) & 0xf, 2, "type LDT");
+        assert_eq!((d[0] >> 44) & 1, 0, "system descriptor");
+        assert_eq!((d[0] >> 45) & 3, 0, "DPL 0");
+        assert_ne!(d[0] & 1 << 47, 0, "present");
+        let base = (d[0] >> 16) & 0xff_ffff | ((d[0] >> 56) & 0xff) << 24 | d[1] << 32;
+        assert_eq!(base, 0xffff_fe80_1234_5000);
+        assert_eq!((d[1] >> 40) & 0x1f, 0, "upper type field zero");
     }
 
     #[test]

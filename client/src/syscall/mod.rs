@@ -222,6 +222,7 @@ syscalls!(
     SchedGetaffinity,
     SetThreadArea,
     GetThreadArea,
+    ModifyLdt,
     Socket,
 );
 
@@ -314,6 +315,7 @@ impl Sys {
             140 => Getpriority,
             141 => Setpriority,
             157 => Prctl,
+            154 => ModifyLdt,
             158 => ArchPrctl,
             160 => Setrlimit,
             162 => Sync,
@@ -426,6 +428,7 @@ impl Sys {
             118 | 148 => Fsync,
             120 => Clone,
             122 => Uname,
+            123 => ModifyLdt,
             125 => Mprotect,
             132 => Getpgid,
             133 => Fchdir,

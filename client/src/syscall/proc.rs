@@ -267,6 +267,7 @@ impl Linux<'_> {
                 self.put_u32(p, a.u(0), entry)?;
                 ret(0)
             }
+            Sys::ModifyLdt => self.modify_ldt(p, a.u(0), a.u(1), a.u(2)),
             Sys::GetThreadArea => {
                 let entry = self.uread(p, a.u(0), 4)?;
                 let entry = u32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
@@ -409,6 +410,58 @@ impl Linux<'_> {
             limit: field(2),
             flags: field(3),
         })
+    }
+
+    /// `modify_ldt(func, ptr, bytecount)` (Linux arch/x86/kernel/ldt.c): func 0 reads the
+    /// LDT (`bytecount` bytes, zero-filled past its entries; 0 without an LDT), 1 and 0x11
+    /// write one entry (the old and the new mode of `write_ldt`); func 2 (the default LDT)
+    /// and others are ENOSYS. The LDT lives in the guest OS's GDT page
+    /// ([`crate::LDT_ENTRIES`] entries: a higher entry number is ENOMEM here, EINVAL from
+    /// 8192 on as in Linux).
+    fn modify_ldt(&mut self, p: &mut Process, func: u64, ptr: u64, bytecount: u64) -> SysResult {
+        const READ: u64 = 0;
+        const WRITE_OLD: u64 = 1;
+        const WRITE: u64 = 0x11;
+        /// Linux `LDT_ENTRIES` and `LDT_ENTRY_SIZE`.
+        const LINUX_LDT_ENTRIES: u32 = 8192;
+        const ENTRY_SIZE: u64 = 8;
+        const USER_DESC_SIZE: u64 = 16;
+        match func & 0xffff_ffff {
+            READ => {
+                if p.ctx.ldt.is_empty() {
+                    return ret(0);
+                }
+                let bytes = bytecount.min(u64::from(LINUX_LDT_ENTRIES) * ENTRY_SIZE) as usize;
+                let mut buf = Vec::with_capacity(bytes);
+                for raw in &p.ctx.ldt {
+                    buf.extend_from_slice(&raw.to_le_bytes());
+                }
+                buf.resize(bytes, 0);
+                self.uwrite(p, ptr, &buf)?;
+                ret(bytes as i64)
+            }
+            f @ (WRITE_OLD | WRITE) => {
+                let oldmode = f == WRITE_OLD;
+                if bytecount != USER_DESC_SIZE {
+                    return Err(Errno::EINVAL);
+                }
+                let desc = self.read_user_desc(p, ptr)?;
+                if desc.entry_number >= LINUX_LDT_ENTRIES || desc.ldt_refused(oldmode) {
+                    return Err(Errno::EINVAL);
+                }
+                let index = desc.entry_number as usize;
+                if index >= crate::LDT_ENTRIES {
+                    return Err(Errno::ENOMEM);
+                }
+                if p.ctx.ldt.len() <= index {
+                    p.ctx.ldt.resize(index + 1, 0);
+                }
+                p.ctx.ldt[index] = desc.ldt_descriptor(oldmode);
+                p.ctx.tls_changed = true;
+                ret(0)
+            }
+            _ => Err(Errno::ENOSYS),
+        }
     }
 
     /// `set_thread_area`: stores the descriptor in a TLS slot (-1 picks a free one).

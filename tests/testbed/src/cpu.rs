@@ -15,7 +15,8 @@ pub enum GdtLayout {
     /// IA32_STAR[63:48] (SDM vol. 3, 5.8.8): 32-bit code, data, 64-bit
     /// code; the i386 TLS slots at 6..8, as on Linux i386
     /// (GDT_ENTRY_TLS_MIN = 6), so programs' `%gs` selectors match; the
-    /// TSS at 9..10.
+    /// TSS at 9..10; the LDT of the running process (`modify_ldt`) at
+    /// 11..12, where FreeBSD has GUSERLDT_SEL.
     Testbed,
     /// FreeBSD amd64's (monitor and kld modes; sys/x86/include/segments.h, !__i386__):
     /// GCODE_SEL 4, GDATA_SEL 5, GUCODE32_SEL 6, GUDATA_SEL 7, GUCODE_SEL 8,
@@ -34,6 +35,9 @@ struct Selectors {
     user_cs64: u16,
     tss: usize,
     tls_first: Option<usize>,
+    /// The LDT descriptor's index (16 bytes), in the layout native mode
+    /// runs processes with.
+    ldt: Option<usize>,
     entries: usize,
 }
 
@@ -46,7 +50,8 @@ const TESTBED_GDT: Selectors = Selectors {
     user_cs64: trap::USER_CS64,
     tss: 9,
     tls_first: Some(6),
-    entries: 11,
+    ldt: Some(11),
+    entries: 13,
 };
 
 /// RPL 3 of a user selector.
@@ -60,6 +65,7 @@ const FREEBSD_GDT: Selectors = Selectors {
     user_cs64: 8 << 3 | RPL_USER,
     tss: 9,
     tls_first: None,
+    ldt: None,
     entries: 13,
 };
 
@@ -126,6 +132,8 @@ struct IdtEntry {
 struct IstStack([u8; IST_STACK_SIZE]);
 
 static mut GDT: [u64; GDT_ENTRIES] = [0; GDT_ENTRIES];
+/// The running process's LDT in native mode ([`set_ldt`]).
+static mut LDT: [u64; kqemu_client::LDT_ENTRIES] = [0; kqemu_client::LDT_ENTRIES];
 static mut TSS: Tss = Tss {
     reserved0: 0,
     rsp: [0; 3],
@@ -428,23 +436,78 @@ pub fn set_tls_descriptors(descriptors: [u64; 3]) {
     }
 }
 
+/// Loads the LDT of the process about to run (`modify_ldt` entries; empty:
+/// a null LDTR, so every LDT selector faults #GP as on Linux without an
+/// LDT): its entries in [`LDT`], a 16-byte LDT descriptor (type 2, SDM
+/// vol. 3A 7.2.3) with the limit of `entries` in the GDT, and LLDT.
+pub fn set_ldt(entries: &[u64]) {
+    let Some(index) = selectors().ldt else {
+        crate::fail(format_args!(
+            "an LDT with FreeBSD's GDT (native mode runs processes with the testbed's)"
+        ))
+    };
+    let entries = &entries[..entries.len().min(kqemu_client::LDT_ENTRIES)];
+    const TYPE_LDT_PRESENT: u64 = 0x82;
+    // SAFETY: single CPU, kernel context; no segment register of the
+    // kernel names the LDT, and LLDT of a present LDT descriptor (or of
+    // the null selector) cannot fault.
+    unsafe {
+        let ldt = &mut *addr_of_mut!(LDT);
+        ldt[..entries.len()].copy_from_slice(entries);
+        let gdt = &mut *addr_of_mut!(GDT);
+        let selector = if entries.is_empty() {
+            // No descriptor either: `user_segment` reads its limit.
+            gdt[index] = 0;
+            gdt[index + 1] = 0;
+            0u16
+        } else {
+            let base = ldt.as_ptr() as u64;
+            let limit = (entries.len() * 8 - 1) as u64;
+            gdt[index] = (limit & 0xffff)
+                | (base & 0xff_ffff) << 16
+                | TYPE_LDT_PRESENT << 40
+                | ((base >> 24) & 0xff) << 56;
+            gdt[index + 1] = base >> 32;
+            (index * 8) as u16
+        };
+        asm!("lldt {0:x}", in(reg) selector, options(nostack, preserves_flags));
+    }
+}
+
 /// The flat user data selector (DS/ES/SS of 64-bit programs).
 pub fn user_data_selector() -> u16 {
     selectors().user_ds
 }
 
-/// What an RPL-3 GDT selector names: the flat user data segment, or a
-/// present DPL-3 code/data TLS descriptor (its bits); None otherwise.
+/// What an RPL-3 selector names: the flat user data segment, or a present
+/// DPL-3 code/data TLS or LDT descriptor (its bits); None otherwise.
 enum UserSegment {
     FlatData,
     Tls(u64),
 }
 
 fn user_segment(selector: u16) -> Option<UserSegment> {
+    let index = usize::from(selector >> 3);
+    if selector & 7 == 7 {
+        // SAFETY: single CPU; reading our own GDT (the LDT descriptor's
+        // limit) and LDT.
+        let desc = unsafe {
+            let limit = selectors()
+                .ldt
+                .map_or(0, |i| (*addr_of_mut!(GDT))[i] & 0xffff);
+            if (index as u64) * 8 + 7 > limit {
+                return None;
+            }
+            (*addr_of_mut!(LDT))[index]
+        };
+        let present = desc & (1 << 47) != 0;
+        let dpl3 = (desc >> 45) & 3 == 3;
+        let code_or_data = desc & (1 << 44) != 0;
+        return (present && dpl3 && code_or_data).then_some(UserSegment::Tls(desc));
+    }
     if selector & 7 != 3 {
         return None;
     }
-    let index = usize::from(selector >> 3);
     let sel = selectors();
     if index == usize::from(sel.user_ds >> 3) {
         return Some(UserSegment::FlatData);

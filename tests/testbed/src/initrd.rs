@@ -7,7 +7,8 @@
 //! (argv entries may hold any byte but NUL): `mode=`, `arch=`, `arg=`
 //! (repeated, argv[0] first), `env=` (repeated), `out=` (repeated guest
 //! paths to send back), `time_limit_ms=`, `epoch_ns=` (host time),
-//! `switch_every=` (the client core's `LinuxConfig::switch_every`).
+//! `switch_every=` (the client core's `LinuxConfig::switch_every`),
+//! `exec_fuzz=N,SEED` (monitor mode: fuzz.rs).
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -69,6 +70,10 @@ pub struct Config {
     /// client core runs, so each round trip writes CR3 twice as a monitor
     /// exit does (`cr3_exits=1` record, from the runner's --cr3-exits).
     pub cr3_exits: bool,
+    /// Monitor mode: after the program's first EXECs, this many hostile
+    /// EXECs (`exec_fuzz=N,SEED` record, from the runner's --exec-fuzz;
+    /// fuzz.rs).
+    pub exec_fuzz: Option<crate::fuzz::Plan>,
 }
 
 /// The guest may run this long when the runner does not say.
@@ -136,6 +141,7 @@ impl Config {
             guest_paging: None,
             switch_every: 0,
             cr3_exits: false,
+            exec_fuzz: None,
         };
         for record in bytes.split(|&b| b == 0).filter(|r| !r.is_empty()) {
             let record =
@@ -191,6 +197,13 @@ impl Config {
                         "0" => false,
                         _ => return Err(InitrdError::BadConfig("bad cr3_exits")),
                     }
+                }
+                "exec_fuzz" => {
+                    let (calls, seed) = value
+                        .split_once(',')
+                        .and_then(|(n, s)| Some((n.parse().ok()?, s.parse().ok()?)))
+                        .ok_or(InitrdError::BadConfig("bad exec_fuzz"))?;
+                    config.exec_fuzz = Some(crate::fuzz::Plan { calls, seed });
                 }
                 _ => return Err(InitrdError::BadConfig("unknown key")),
             }

@@ -13,6 +13,7 @@ mod cpu;
 mod exit;
 mod fpu;
 mod freebsd;
+mod fuzz;
 mod heap;
 mod initrd;
 mod mem;

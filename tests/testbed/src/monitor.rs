@@ -24,6 +24,7 @@ use crate::native::{
 use crate::timer::Clock;
 use crate::{log, x86};
 use alloc::rc::Rc;
+use alloc::vec::Vec;
 use core::alloc::Layout;
 use core::cell::RefCell;
 use core::convert::Infallible;
@@ -190,7 +191,7 @@ fn client_addr(block: &[u8]) -> u64 {
 /// The ioctl on `arg`'s own bytes (the module decodes and encodes the
 /// argument itself, as from the kernel's copy), with no buffer to clear and
 /// copy on every EXEC.
-fn ioctl<T: Pod>(file: &OpenFile<TestbedHost>, cmd: u32, arg: &mut T) -> KResult<()> {
+pub(crate) fn ioctl<T: Pod>(file: &OpenFile<TestbedHost>, cmd: u32, arg: &mut T) -> KResult<()> {
     if ioc_len(cmd) != core::mem::size_of::<T>() {
         return Err(Error::InvalidArgument);
     }
@@ -221,6 +222,8 @@ struct TestbedCpu<'f> {
     /// (the first EXEC's RIP).
     host_breakpoint: bool,
     breakpoint_at: Option<u64>,
+    /// `--exec-fuzz`: the states the fuzzer starts from (fuzz.rs).
+    samples: Option<Vec<KqemuCpuState>>,
 }
 
 impl ExecCpu for TestbedCpu<'_> {
@@ -242,6 +245,9 @@ impl ExecCpu for TestbedCpu<'_> {
             // SAFETY: the guest's first instruction, a user address this
             // kernel never executes (the guests' CS base is 0).
             unsafe { set_breakpoint(at, DR7_L0_EXECUTE) };
+        }
+        if let Some(samples) = &mut self.samples {
+            crate::fuzz::keep_sample(samples, self.execs, state);
         }
         let dr6 = read_dr6();
         let entered = x86::rdtsc();
@@ -343,7 +349,7 @@ impl MonitorRun<'_> {
         let pages = ram_size / 4096;
         let dirty = client_buffer(pages).ok_or(NativeError::Ram)?;
         dirty.fill(0xff);
-        let lists = [
+        let mut lists = [
             client_buffer(4096).ok_or(NativeError::Ram)?,
             client_buffer(4096).ok_or(NativeError::Ram)?,
             client_buffer(4096).ok_or(NativeError::Ram)?,
@@ -383,6 +389,7 @@ impl MonitorRun<'_> {
             softmmu: 0,
             host_breakpoint: self.config.envp.iter().any(|e| e == HOST_DR7_CHECK),
             breakpoint_at: None,
+            samples: self.config.exec_fuzz.as_ref().map(|_| Vec::new()),
         };
         let features = CpuFeatures {
             nx: self.features.nx,
@@ -418,6 +425,14 @@ impl MonitorRun<'_> {
             }
             if *failed.borrow() {
                 return Err(NativeError::Channel);
+            }
+            if let (Some(plan), Some(samples)) = (&self.config.exec_fuzz, &cpu.samples) {
+                if samples.len() == crate::fuzz::SAMPLES || linux.exit_status().is_some() {
+                    let ram = self.ram;
+                    return crate::fuzz::run(
+                        plan, &file, ram, paging, samples, &mut lists, channel,
+                    );
+                }
             }
         }
         let (start, execs, runs, softmmu) = (cpu.start, cpu.execs, cpu.runs, cpu.softmmu);

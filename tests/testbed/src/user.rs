@@ -8,6 +8,7 @@ use crate::fpu::FpuStates;
 use crate::timer::Clock;
 use crate::trap::{self, TrapFrame, VECTOR_INT80, VECTOR_SPURIOUS, VECTOR_SYSCALL, VECTOR_TIMER};
 use crate::x86::{self, RFLAGS_AC, RFLAGS_DF, RFLAGS_FIXED, RFLAGS_ID, RFLAGS_IF, RFLAGS_TF};
+use alloc::vec::Vec;
 use core::arch::asm;
 use kqemu_client::{Arch, Trap, UserContext};
 
@@ -45,6 +46,9 @@ pub struct UserCpu {
     kernel_cr3: u64,
     /// Interrupts other than the timer seen while ring 3 ran.
     pub stray_interrupts: u64,
+    /// The LDT loaded (`cpu::set_ldt`): the last process's, written again
+    /// only when the next one's differs.
+    ldt: Vec<u64>,
 }
 
 impl UserCpu {
@@ -55,6 +59,7 @@ impl UserCpu {
             cr3: x86::read_cr3(),
             kernel_cr3: x86::read_cr3(),
             stray_interrupts: 0,
+            ldt: Vec::new(),
         }
     }
 
@@ -210,6 +215,11 @@ impl UserCpu {
     }
 
     fn load_segments(&mut self, compat: bool, ctx: &mut UserContext) {
+        // The LDT before the selectors, which may name it.
+        if ctx.ldt != self.ldt {
+            cpu::set_ldt(&ctx.ldt);
+            self.ldt.clone_from(&ctx.ldt);
+        }
         if compat {
             let descriptors = [
                 ctx.tls[0].descriptor(),
