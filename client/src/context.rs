@@ -109,11 +109,13 @@ impl UserDesc {
     fn segment_descriptor(&self) -> u64 {
         let contents = (self.flags >> Self::CONTENTS_SHIFT) & 3;
         let writable_or_readable = self.flags & Self::READ_EXEC_ONLY == 0;
-        // Type field: data (contents 0), expand-down data (1), code (2 or 3).
+        // Type field: data (contents 0), expand-down data (1), code (2),
+        // conforming code (3).
         let mut seg_type: u64 = match contents {
             0 => 0b0000,
             1 => 0b0100,
-            _ => 0b1000,
+            2 => 0b1000,
+            _ => 0b1100,
         };
         if writable_or_readable {
             seg_type |= 0b0010;
@@ -188,4 +190,28 @@ pub enum Trap {
     },
     /// The runner's timer fired: the OS may switch to another runnable process.
     Timer,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UserDesc;
+
+    #[test]
+    fn contents_give_the_descriptor_type() {
+        // Bits 43:40 of the descriptor: data, expand-down data, code,
+        // conforming code; each readable or writable and accessed.
+        for (contents, seg_type) in [(0u32, 0b0011u64), (1, 0b0111), (2, 0b1011), (3, 0b1111)] {
+            let desc = UserDesc {
+                entry_number: 0,
+                base_addr: 0x1000,
+                limit: 0xfff,
+                flags: 1 | contents << UserDesc::CONTENTS_SHIFT,
+            };
+            assert_eq!(
+                desc.descriptor() >> 40 & 0xf,
+                seg_type,
+                "contents {contents}"
+            );
+        }
+    }
 }

@@ -121,21 +121,23 @@ fn cache(selector: u16, flags: u32, base: u64) -> KqemuSegmentCache {
 /// The cache of an i386 data selector the process loaded: its TLS or LDT
 /// descriptor, the user data segment, or null.
 fn data_cache32(ctx: &UserContext, user: User32, selector: u16) -> KqemuSegmentCache {
+    // Any RPL: a CPL-3 load of a DPL-3 data segment accepts RPL 0 to 3
+    // (SDM Vol. 2B MOV), and the selector keeps the RPL it was loaded with.
     let index = selector >> 3;
-    if selector & 7 == 7 {
+    if selector & 4 != 0 {
         return match ctx.ldt.get(usize::from(index)) {
             Some(&raw) if raw != 0 => cache_of_load(Selector(selector), Descriptor(raw)),
             _ => cache(0, 0, 0),
         };
     }
-    if selector & 7 == 3 && (TLS_FIRST..TLS_FIRST + 3).contains(&index) {
+    if (TLS_FIRST..TLS_FIRST + 3).contains(&index) {
         let raw = ctx.tls[usize::from(index - TLS_FIRST)].descriptor();
         if raw != 0 {
             return cache_of_load(Selector(selector), Descriptor(raw));
         }
     }
-    if selector == user.ds {
-        return cache(user.ds, FLAGS_DATA, 0);
+    if selector | 3 == user.ds {
+        return cache(selector, FLAGS_DATA, 0);
     }
     cache(0, 0, 0)
 }
@@ -1078,6 +1080,13 @@ mod tests {
             let ds = s.segs[seg::DS];
             assert_eq!((ds.selector, ds.base, ds.limit), (0x17, 0x2000, 0xfff));
             assert_eq!(s.segs[seg::GS].selector, 0, "an empty entry: null");
+            // RPL 0 of the same entry (a CPL-3 load accepts it): the same
+            // cache, with the selector's own RPL.
+            ctx.es_sel = Some(0x14);
+            let s = state_of(&ctx, Arch::I386, paging, 0x1000, &CpuFeatures::default());
+            let es = s.segs[seg::ES];
+            assert_eq!((es.selector, es.base, es.limit), (0x14, 0x2000, 0xfff));
+            ctx.es_sel = None;
             // The emulator loads from the LDT: beyond its limit #GP with
             // TI set in the error code; an empty entry #GP.
             let mut page = read_gdt(&linux).expect("the page");

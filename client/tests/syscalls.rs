@@ -1322,7 +1322,11 @@ fn modify_ldt_writes_reads_and_forks_the_process_ldt() {
             Some(EINVAL),
             "present conforming code"
         );
-        assert_eq!(m.sys(1, modify_ldt, &[2, buf, 16]), Some(ENOSYS));
+        // func 2 reads the default LDT: zeros, at most 128 bytes.
+        m.poke(1, buf, &[0xff; 16]);
+        assert_eq!(m.sys(1, modify_ldt, &[2, buf, 16]), Some(16));
+        assert_eq!(m.peek(1, buf, 16), [0; 16]);
+        assert_eq!(m.sys(1, modify_ldt, &[3, buf, 16]), Some(ENOSYS));
         // fork copies the LDT; the child's changes stay its own.
         assert_eq!(m.sys(1, n.fork, &[]), Some(2));
         assert_eq!(m.linux.context(2).unwrap().ldt, ctx.ldt);

@@ -499,6 +499,9 @@ enum NoEntry {
     Run(NoRun),
     Setup(usize, switch::SetupError),
     La57,
+    /// The calling thread has an LDT selector in a data segment register
+    /// ([`switch::host_selectors_in_ldt`]).
+    HostLdt,
     Unusable,
 }
 
@@ -714,7 +717,9 @@ impl<H: Host> Monitor<H> {
         self.last_root = Some(selected.root);
 
         let mut area = area_from_state(state, &entry);
-        let mut gdt = RunGdt::of_entry(&entry.segments);
+        let Some(mut gdt) = RunGdt::of_entry(&entry.segments) else {
+            return soft;
+        };
         let mut report = ExitReport {
             retval: KQEMU_RET_INTR,
             error_code: 0,
@@ -890,6 +895,13 @@ impl<H: Host> Monitor<H> {
                          does not support; the client emulates the guest"
                     ));
                 }
+                NoEntry::HostLdt => {
+                    self.logged_setup_failure = true;
+                    self.host.log(format_args!(
+                        "EXEC: the calling thread has an LDT selector in DS, ES, FS or GS; \
+                         the client emulates the guest"
+                    ));
+                }
                 NoEntry::Run(_) | NoEntry::Unusable => {}
             }
         }
@@ -912,6 +924,9 @@ impl<H: Host> Monitor<H> {
         gdt: &RunGdt,
         entry: &NormalModeEntry,
     ) -> core::result::Result<Exit, NoEntry> {
+        if switch::host_selectors_in_ldt() {
+            return Err(NoEntry::HostLdt);
+        }
         let host = self.host.clone();
         // SAFETY: cpu_enter pinned this thread to `cpu` until cpu_leave,
         // which comes after `sw` is dropped (run_once).
@@ -2157,7 +2172,7 @@ mod tests {
         let gdt_page = GDT_PHYS / 4096;
         g.host
             .write_u8(DIRTY + gdt_page, ALL_DIRTY & !CODE_DIRTY_FLAG);
-        let mut gdt = RunGdt::of_entry(&g.entry.segments);
+        let mut gdt = RunGdt::of_entry(&g.entry.segments).expect("distinct entry descriptors");
         let mut tracker = DirtyTracker::new();
         // `mov ds, 0x4b`: #GP(0x48) on the empty entry, filled (not
         // present while the guest's A is clear), retried.
@@ -2213,7 +2228,7 @@ mod tests {
     fn a_gdt_the_guest_has_not_mapped_goes_to_the_client() {
         let mut g = guest_with_gdt();
         let mut tracker = DirtyTracker::new();
-        let mut gdt = RunGdt::of_entry(&g.entry.segments);
+        let mut gdt = RunGdt::of_entry(&g.entry.segments).expect("distinct entry descriptors");
         // An unmapped page: the implicit read's #PF is the client's to
         // raise.
         g.entry.tables.gdt = (GDT_LINEAR + 0x1000, 0xff);
@@ -2251,7 +2266,7 @@ mod tests {
         g.host
             .write_u64(RAM_BASE + GDT_PHYS + ldt + 2 * 8, FRESH_DS);
         g.entry.tables.ldt = Some((GDT_LINEAR + ldt, 4 * 8 - 1));
-        let mut gdt = RunGdt::of_entry(&g.entry.segments);
+        let mut gdt = RunGdt::of_entry(&g.entry.segments).expect("distinct entry descriptors");
         let mut tracker = DirtyTracker::new();
         // `mov es, 0x17` (LDT index 2): filled from ldt.base + 16, not
         // present until the checks pass; then the guest's A is set there.

@@ -45,7 +45,12 @@
 //! "invalid" (ZF = 0) where the guest's CPU would read its table; and on
 //! a filled entry that still waits for its accessed bit (installed not
 //! present, see above) LAR reads P = 0 and A = 1 where the guest's CPU
-//! reads P = 1 and A = 0.
+//! reads P = 1 and A = 0. And guest code that reloads an entry register's
+//! own selector gets the hidden part the register had at the EXEC's start,
+//! where the CPU would read the table, which the guest OS may have changed
+//! since (x86_64 Linux's modify_ldt refreshes DS and ES, not FS and GS).
+//! Two entry registers of one index with different hidden parts make the
+//! EXEC the client's.
 //!
 //! The host runs in IA-32e mode; guest code runs in 64-bit mode (CS.L = 1
 //! in a long-mode guest) or in compatibility mode, which applies 16- and
@@ -688,22 +693,27 @@ pub enum Fill {
 
 impl RunGdt {
     /// The entry registers' descriptors of `segments` (ABI order).
-    pub fn of_entry(segments: &[EntrySegment]) -> Self {
+    pub fn of_entry(segments: &[EntrySegment]) -> Option<Self> {
         let mut gdt = Self {
             gdt: Table::EMPTY,
             ldt: Table::EMPTY,
         };
         for s in segments {
             if let Some(d) = s.descriptor {
-                gdt.table_mut(s.selector).push(
-                    s.selector.index(),
-                    d.0,
-                    Descriptor(0),
-                    Stage::Entry,
-                );
+                let table = gdt.table_mut(s.selector);
+                let index = s.selector.index();
+                let same = table
+                    .position(index)
+                    .is_some_and(|at| table.shadow[at].1 == d.0);
+                if !same && !table.push(index, d.0, Descriptor(0), Stage::Entry) {
+                    // Two registers of one index with different hidden
+                    // parts (one loaded before the guest OS changed the
+                    // entry): one shadow entry cannot hold both.
+                    return None;
+                }
             }
         }
-        gdt
+        Some(gdt)
     }
 
     fn table(&self, selector: Selector) -> &Table {
@@ -1269,7 +1279,10 @@ mod tests {
         ] {
             segments[reg as usize] = entry_segment(reg, &c, CpuMode::Legacy).expect("entry");
         }
-        (RunGdt::of_entry(&segments), (0xc100_0000, 32 * 8 - 1))
+        (
+            RunGdt::of_entry(&segments).expect("distinct entry descriptors"),
+            (0xc100_0000, 32 * 8 - 1),
+        )
     }
 
     const GP: u8 = VEC_GP;
@@ -1578,11 +1591,25 @@ mod tests {
         let d = Descriptor::segment(0x2_0000, 0xfff, P | S | RW | A | DB | DPL3);
         let e = entry_segment(SegReg::Ds, &cache(0x0f, d), CpuMode::Legacy).expect("LDT DS");
         assert_eq!(e.descriptor, Some(d));
-        let gdt = RunGdt::of_entry(&[e]);
+        let gdt = RunGdt::of_entry(&[e]).expect("one entry register");
         assert_eq!(gdt.ldt_descriptors(), [(1, d.0)]);
         assert!(gdt.descriptors().is_empty());
         // Its index: the table may differ from the cache.
         assert_eq!(gdt.on_fault(GP, 0x0c, (0, 0xff), LDT), SegmentFault::Client);
+    }
+
+    #[test]
+    fn entry_registers_of_one_index_must_agree() {
+        let old = Descriptor::segment(0x2_0000, 0xfff, P | S | RW | A | DB | DPL3);
+        let new = Descriptor::segment(0x3_0000, 0xfff, P | S | RW | A | DB | DPL3);
+        let ds = entry_segment(SegReg::Ds, &cache(0x0f, old), CpuMode::Legacy).expect("DS");
+        let es = entry_segment(SegReg::Es, &cache(0x0f, old), CpuMode::Legacy).expect("ES");
+        let fs = entry_segment(SegReg::Fs, &cache(0x0f, new), CpuMode::Legacy).expect("FS");
+        let same = RunGdt::of_entry(&[ds, es]).expect("the same descriptor twice");
+        assert_eq!(same.ldt_descriptors(), [(1, old.0)]);
+        // FS loaded after the entry changed: its hidden part differs from
+        // DS's, and one shadow entry cannot give both.
+        assert!(RunGdt::of_entry(&[ds, fs]).is_none());
     }
 
     #[test]

@@ -1400,6 +1400,32 @@ fn read_gs_base() -> u64 {
     rdmsr(MSR_GS_BASE)
 }
 
+/// Whether DS, ES, FS or GS of the calling thread holds an LDT selector
+/// (TI = 1). FreeBSD enters a system call without reloading these four,
+/// so they are the process's own, and the exit loads them back at CPL 0.
+/// An LDT entry can vanish meanwhile (another thread's
+/// `i386_set_ldt`): that load would then fault in the kernel, which
+/// FreeBSD answers with a panic. Such a host gets no native run.
+pub fn host_selectors_in_ldt() -> bool {
+    const TI: u16 = 1 << 2;
+    let (ds, es, fs, gs): (u16, u16, u16, u16);
+    // SAFETY: reading segment selectors has no side effect.
+    unsafe {
+        core::arch::asm!(
+            "mov {0:x}, ds",
+            "mov {1:x}, es",
+            "mov {2:x}, fs",
+            "mov {3:x}, gs",
+            out(reg) ds,
+            out(reg) es,
+            out(reg) fs,
+            out(reg) gs,
+            options(nomem, nostack, preserves_flags)
+        )
+    };
+    (ds | es | fs | gs) & TI != 0
+}
+
 /// Whether the CPU has INVPCID (asked once).
 fn has_invpcid() -> bool {
     const UNKNOWN: u8 = 0;
@@ -1711,6 +1737,46 @@ mod tests {
         assert_eq!((d[0] >> 40) & 0xff, 0x89, "present, type 9");
         assert_eq!(d[0] >> 56, 0x87);
         assert_eq!(d[1], 0xffff_ffff);
+    }
+
+    /// On the real CPU of the test host: Linux's modify_ldt gives this
+    /// process an LDT entry, and DS loaded with it must be seen.
+    #[test]
+    fn an_ldt_selector_in_ds_is_seen() {
+        const SYS_MODIFY_LDT: i64 = 154;
+        const WRITE_LDT: i64 = 1;
+        // struct user_desc: entry 0, base 0, limit 0xfffff in pages, 32-bit
+        // data, usable.
+        let desc: [u32; 4] = [0, 0, 0xf_ffff, 1 | 1 << 4 | 1 << 6];
+        // Index 0 of the LDT (TI = 1), RPL 3.
+        const LDT_DS: u16 = 0x7;
+        assert!(!host_selectors_in_ldt(), "GDT selectors only at the start");
+        let result: i64;
+        // SAFETY: modify_ldt reads 16 bytes at `desc`; the syscall clobbers
+        // RCX and R11 only.
+        unsafe {
+            core::arch::asm!(
+                "syscall",
+                inlateout("rax") SYS_MODIFY_LDT => result,
+                in("rdi") WRITE_LDT,
+                in("rsi") desc.as_ptr(),
+                in("rdx") core::mem::size_of_val(&desc),
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack)
+            )
+        };
+        assert_eq!(result, 0, "modify_ldt(1) on the test host");
+        let old: u16;
+        // SAFETY: LDT entry 0 is a present DPL-3 data segment (just
+        // written); DS is put back before anything else runs here.
+        let seen = unsafe {
+            core::arch::asm!("mov {0:x}, ds", "mov ds, {1:x}", out(reg) old, in(reg) LDT_DS);
+            let seen = host_selectors_in_ldt();
+            core::arch::asm!("mov ds, {0:x}", in(reg) old);
+            seen
+        };
+        assert!(seen);
     }
 
     #[test]

@@ -421,6 +421,9 @@ impl Linux<'_> {
     fn modify_ldt(&mut self, p: &mut Process, func: u64, ptr: u64, bytecount: u64) -> SysResult {
         const READ: u64 = 0;
         const WRITE_OLD: u64 = 1;
+        const READ_DEFAULT: u64 = 2;
+        /// What x86_64 Linux's default LDT reads as: this many zero bytes.
+        const DEFAULT_LDT_BYTES: u64 = 128;
         const WRITE: u64 = 0x11;
         /// Linux `LDT_ENTRIES` and `LDT_ENTRY_SIZE`.
         const LINUX_LDT_ENTRIES: u32 = 8192;
@@ -438,6 +441,11 @@ impl Linux<'_> {
                 }
                 buf.resize(bytes, 0);
                 self.uwrite(p, ptr, &buf)?;
+                ret(bytes as i64)
+            }
+            READ_DEFAULT => {
+                let bytes = bytecount.min(DEFAULT_LDT_BYTES) as usize;
+                self.uwrite(p, ptr, &vec![0; bytes])?;
                 ret(bytes as i64)
             }
             f @ (WRITE_OLD | WRITE) => {
