@@ -163,8 +163,8 @@ kqemu_switch_run:
      * on a load of an LDT selector, through the shadow CR3 (the table's
      * page is mapped there like the GDT's). Host handlers never load LDT
      * selectors, so an NMI or machine check on either side of it finds
-     * nothing it needs changed; the exit loads the host's LDTR right
-     * after the host's GDT (whose descriptor it names). */
+     * nothing it needs changed; the exit loads the host's LDTR after
+     * the host's GDT (whose descriptor it names) and TSS. */
     lldt {A_MON_LDTR}(%rbx)
     movq {A_SHADOW_CR3}(%rbx), %rax
     movq %rax, %cr3
