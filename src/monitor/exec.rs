@@ -717,9 +717,10 @@ impl<H: Host> Monitor<H> {
         self.last_root = Some(selected.root);
 
         let mut area = area_from_state(state, &entry);
-        let Some(mut gdt) = RunGdt::of_entry(&entry.segments) else {
+        let mut gdt = RunGdt::EMPTY;
+        if gdt.load_entry(&entry.segments).is_none() {
             return soft;
-        };
+        }
         let mut report = ExitReport {
             retval: KQEMU_RET_INTR,
             error_code: 0,

@@ -692,27 +692,41 @@ pub enum Fill {
 }
 
 impl RunGdt {
-    /// The entry registers' descriptors of `segments` (ABI order).
-    pub fn of_entry(segments: &[EntrySegment]) -> Option<Self> {
-        let mut gdt = Self {
-            gdt: Table::EMPTY,
-            ldt: Table::EMPTY,
-        };
+    /// No descriptors: what [`Self::load_entry`] starts from.
+    pub const EMPTY: Self = Self {
+        gdt: Table::EMPTY,
+        ldt: Table::EMPTY,
+    };
+
+    /// Makes the tables hold the entry registers' descriptors of
+    /// `segments` (ABI order) and nothing else. In place: the tables are
+    /// large, and the EXEC path keeps one where it was made instead of
+    /// moving it. `None` when two registers of one index have different
+    /// hidden parts (one loaded before the guest OS changed the entry):
+    /// one shadow entry cannot hold both.
+    pub fn load_entry(&mut self, segments: &[EntrySegment]) -> Option<()> {
+        self.gdt.len = 0;
+        self.ldt.len = 0;
         for s in segments {
             if let Some(d) = s.descriptor {
-                let table = gdt.table_mut(s.selector);
+                let table = self.table_mut(s.selector);
                 let index = s.selector.index();
                 let same = table
                     .position(index)
                     .is_some_and(|at| table.shadow[at].1 == d.0);
                 if !same && !table.push(index, d.0, Descriptor(0), Stage::Entry) {
-                    // Two registers of one index with different hidden
-                    // parts (one loaded before the guest OS changed the
-                    // entry): one shadow entry cannot hold both.
                     return None;
                 }
             }
         }
+        Some(())
+    }
+
+    /// [`Self::load_entry`] on new tables.
+    #[cfg(test)]
+    pub fn of_entry(segments: &[EntrySegment]) -> Option<Self> {
+        let mut gdt = Self::EMPTY;
+        gdt.load_entry(segments)?;
         Some(gdt)
     }
 
