@@ -7,8 +7,9 @@
 //! rules, checked here from the raw bits, independently of the checks in
 //! validate.rs and segments.rs.
 
-use crate::abi::{seg, KqemuCpuState, KqemuSegmentCache, Pod};
+use crate::abi::{seg, KqemuCpuState, KqemuSegmentCache};
 use crate::monitor::mmu::{CpuPaging, Cr0, Cr4, Efer};
+use crate::monitor::mutate::{mutate, Rng};
 use crate::monitor::segments::{cache_of_load, CodeSize, CpuMode, Descriptor, Selector};
 use crate::monitor::validate::{validate_normal_mode, Eflags, NormalModeEntry};
 
@@ -45,52 +46,6 @@ const DPL_SHIFT: u32 = 13;
 const PRESENT: u32 = 1 << 15;
 const LONG: u32 = 1 << 21;
 const DEFAULT_SIZE: u32 = 1 << 22;
-
-/// xorshift64 (Marsaglia): deterministic, no floating point.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<T: Copy>(&mut self, values: &[T]) -> T {
-        values[self.below(values.len() as u64) as usize]
-    }
-
-    /// An address at a rule's edge, or near `old`.
-    fn address(&mut self, old: u64) -> u64 {
-        match self.below(4) {
-            0 => old ^ 1 << self.below(64),
-            1 => self.next(),
-            _ => self.pick(&[
-                0,
-                0xfff,
-                0x7fff_ffff_ffff,
-                0x7fff_ffff_f000,
-                0x8000_0000_0000,
-                0xffff_7fff_ffff_ffff,
-                0xffff_8000_0000_0000,
-                0xffff_ffff_ffff_f000,
-                u64::MAX,
-                0xffff_ffff,
-                0xffff_f000,
-                0x1_0000_0000,
-                0xc000_0000,
-                0xf000_0000,
-            ]),
-        }
-    }
-}
 
 fn state32() -> KqemuCpuState {
     let mut s = KqemuCpuState {
@@ -140,79 +95,6 @@ fn state64(compat: bool) -> KqemuCpuState {
     }
     s.gdt.base = 0xffff_fe00_0000_1000;
     s
-}
-
-fn mutate_segment(rng: &mut Rng, c: &mut KqemuSegmentCache) {
-    match rng.below(5) {
-        0 => {
-            c.selector = rng.pick(&[0, 1, 3, 0x23, 0x2b, 0x33, 0x3b, 0x73, 0x7b, 0x7, 0xfffb])
-                ^ if rng.below(4) == 0 {
-                    rng.next() as u16
-                } else {
-                    0
-                }
-        }
-        // Type, S, DPL, P, AVL, L, D/B, G, or the bits the cache ignores.
-        1 => c.flags ^= 1 << rng.pick(&[8, 9, 10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 0, 31]),
-        2 => c.base = rng.address(c.base),
-        3 => c.limit = rng.pick(&[0, 0xfff, 0xffff, 0xf_ffff, 0xffff_ffff, 0x1000, 0xfff_ffff]),
-        _ => c.flags = rng.next() as u32,
-    }
-}
-
-fn mutate(rng: &mut Rng, s: &mut KqemuCpuState) {
-    match rng.below(16) {
-        0..=3 => {
-            let i = rng.below(9) as usize;
-            let cache = match i {
-                0..=5 => &mut s.segs[i],
-                6 => &mut s.ldt,
-                7 => &mut s.tr,
-                _ => &mut s.gdt,
-            };
-            mutate_segment(rng, cache);
-        }
-        4 => {
-            // VM, IOPL, IF, TF, AC, NT, RF, VIF, ID, bit 1, reserved 3/15/32.
-            s.eflags ^= 1 << rng.pick(&[17, 12, 13, 9, 8, 18, 14, 16, 19, 21, 1, 3, 15, 32])
-        }
-        5 => s.cpl = rng.pick(&[0, 1, 2, 3, 4, 0xff]),
-        6 => s.cr0 ^= 1 << rng.pick(&[0, 1, 2, 3, 5, 16, 18, 29, 30, 31, 40]),
-        7 => s.cr3 = rng.address(s.cr3),
-        8 => s.cr4 ^= 1 << rng.below(33),
-        9 => s.efer ^= 1 << rng.pick(&[0, 8, 10, 11, 12, 13, 14, 15, 20, 63]),
-        10 => s.eip = rng.address(s.eip),
-        11 => s.regs[4] = rng.address(s.regs[4]),
-        12 => {
-            s.dr7 = rng.pick(&[0, 1, 0x400, 0x2001, 0x1_0003, 1 << 12, 1 << 32]) | rng.below(256);
-            s.dr0 = rng.address(s.dr0);
-            s.dr6 = rng.pick(&[0, 0xffff_0ff0, 1 << 40]);
-        }
-        13 => s.user_only = rng.pick(&[0, 1, 2, 0xff]),
-        14 => {
-            let any = rng.next();
-            s.a20_mask = rng.pick(&[u64::MAX, !(1 << 20), 0xffff_ffff, 0, any]);
-        }
-        _ => {
-            // Any byte: counts, retval and the padding included.
-            let mut bytes = [0u8; core::mem::size_of::<KqemuCpuState>()];
-            bytes.copy_from_slice(as_bytes(s));
-            let at = rng.below(bytes.len() as u64) as usize;
-            bytes[at] = rng.next() as u8;
-            *s = KqemuCpuState::read_from(&bytes).expect("exact length");
-        }
-    }
-}
-
-fn as_bytes(s: &KqemuCpuState) -> &[u8] {
-    // SAFETY: a Pod has no padding bytes (abi.rs); the slice covers
-    // exactly `s`, borrowed shared.
-    unsafe {
-        core::slice::from_raw_parts(
-            (s as *const KqemuCpuState).cast::<u8>(),
-            core::mem::size_of::<KqemuCpuState>(),
-        )
-    }
 }
 
 fn canonical(a: u64) -> bool {
@@ -365,7 +247,7 @@ fn hostile_states_are_answered_and_accepted_ones_keep_the_rules() {
         let e = validate_normal_mode(b, cpu).expect("starting states are valid");
         assert_eq!(check_rules(b, &e, cpu), Ok(()));
     }
-    let mut rng = Rng(SEED);
+    let mut rng = Rng::seeded(SEED);
     let (mut accepted, mut refused) = (0u32, 0u32);
     for n in 0..STATES {
         let mut s = bases[(n % 3) as usize];

@@ -9,3 +9,5 @@ pub mod segments;
 pub mod shadow;
 pub mod switch;
 pub mod validate;
+#[cfg(any(test, feature = "testing"))]
+pub mod mutate;
