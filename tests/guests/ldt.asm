@@ -175,43 +175,7 @@ _start:
 	PRINT "ds, es: ok", 10
 %else
 	; ds, es, ss: each loaded with entry 0 in the same EXEC, then flat
-	mov eax, SEL0
-	mov ds, ax
-	mov ecx, [0]
-	mov dword [8], 0x1234
-	mov ax, [cs:flat]
-	mov ds, ax
-	cmp ecx, MAGIC_A
-	ASSERT e, "ds: load through ds"
-	cmp dword [area_a + 8], 0x1234
-	ASSERT e, "ds: store through ds"
-	mov eax, SEL0
-	mov es, ax
-	mov ecx, [es:0]
-	mov edi, 16
-	mov eax, 0xabcd
-	stosd
-	ES_BACK
-	cmp ecx, MAGIC_A
-	ASSERT e, "es: load through es"
-	cmp dword [area_a + 16], 0xabcd
-	ASSERT e, "es: stosd"
-	mov eax, SEL0
-	mov ss, ax
-	mov esp, STACK_TOP
-	push dword 0x4242
-	pop ebx
-	mov edx, esp
-	mov ax, [cs:flat]
-	mov ss, ax
-	mov esp, [saved_sp]
-	cmp ebx, 0x4242
-	ASSERT e, "ss: pop"
-	cmp edx, STACK_TOP
-	ASSERT e, "ss: esp"
-	cmp dword [area_a + STACK_TOP - 4], 0x4242
-	ASSERT e, "ss: push through ss"
-	PRINT "ds, es, ss: ok", 10
+	DATA_SEGMENT_CHECKS32 SEL0
 %endif
 
 	; lsl, lar, verr, verw: 0 in GS, 1 in FS, 2 in ES while examined

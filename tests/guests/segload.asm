@@ -165,44 +165,7 @@ past_ds:
 	PRINT "swap: ok", 10
 
 	; ds, es, ss: each loaded with A in the same EXEC, then flat again
-	mov eax, [sel_a]
-	mov ds, ax
-	mov ecx, [0]
-	mov dword [8], 0x1234
-	mov ax, [cs:flat]
-	mov ds, ax
-	cmp ecx, MAGIC_A
-	ASSERT e, "ds: load through ds"
-	cmp dword [area_a + 8], 0x1234
-	ASSERT e, "ds: store through ds"
-	mov eax, [sel_a]
-	mov es, ax
-	mov ecx, [es:0]
-	mov edi, 16
-	mov eax, 0xabcd
-	stosd
-	mov ax, [flat]
-	mov es, ax
-	cmp ecx, MAGIC_A
-	ASSERT e, "es: load through es"
-	cmp dword [area_a + 16], 0xabcd
-	ASSERT e, "es: stosd"
-	mov eax, [sel_a]
-	mov ss, ax
-	mov esp, STACK_TOP
-	push dword 0x4242
-	pop ebx
-	mov edx, esp
-	mov ax, [cs:flat]
-	mov ss, ax
-	mov esp, [saved_sp]
-	cmp ebx, 0x4242
-	ASSERT e, "ss: pop"
-	cmp edx, STACK_TOP
-	ASSERT e, "ss: esp"
-	cmp dword [area_a + STACK_TOP - 4], 0x4242
-	ASSERT e, "ss: push through ss"
-	PRINT "ds, es, ss: ok", 10
+	DATA_SEGMENT_CHECKS32 [sel_a]
 
 	; lsl, lar: A in GS, B in FS, C in ES while they are examined
 	mov eax, [sel_a]
