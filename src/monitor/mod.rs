@@ -4,10 +4,10 @@ pub mod exec;
 mod fuzz_tests;
 pub mod instance;
 pub mod mmu;
+#[cfg(any(test, feature = "testing"))]
+pub mod mutate;
 pub mod ram;
 pub mod segments;
 pub mod shadow;
 pub mod switch;
 pub mod validate;
-#[cfg(any(test, feature = "testing"))]
-pub mod mutate;
