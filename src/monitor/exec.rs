@@ -436,6 +436,7 @@ pub struct Monitor<H: Host> {
     /// dropped when that frame is unlocked.
     code_page: Option<(u64, RamPage, Frame)>,
     logged_setup_failure: bool,
+    logged_table_shortage: bool,
 }
 
 /// What the CPU reports about paging (CPUID 80000008H and 80000001H).
@@ -559,6 +560,7 @@ impl<H: Host> Monitor<H> {
             last_root: None,
             code_page: None,
             logged_setup_failure: false,
+            logged_table_shortage: false,
         })
     }
 
@@ -691,7 +693,14 @@ impl<H: Host> Monitor<H> {
         // 3. The address space.
         let key = entry.paging.address_space_key();
         let Ok(selected) = self.shadow.select(key, &mut self.tables) else {
-            host.log(format_args!("EXEC: no memory for shadow page tables"));
+            // Once per instance: under memory pressure every EXEC would
+            // log it again.
+            if !self.logged_table_shortage {
+                self.logged_table_shortage = true;
+                host.log(format_args!(
+                    "EXEC: no memory for shadow page tables; the client emulates the guest"
+                ));
+            }
             return soft;
         };
         // Writes the module did not see (neither a guest write fault nor
