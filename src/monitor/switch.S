@@ -37,6 +37,29 @@
  *   spaces, so the CR3 switch can sit anywhere in between.
  */
 
+/* FS and GS bases from the area (%rbx) at offsets `fs` and `gs`: with
+ * WRFSBASE/WRGSBASE when F_FSGSBASE says CR4 allows them on both sides of
+ * the switch, else through the MSRs. Clobbers RAX, RCX, RDX. */
+.macro write_fs_gs_bases fs, gs
+    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
+    jz 1f
+    movq \fs(%rbx), %rax
+    wrfsbase %rax
+    movq \gs(%rbx), %rax
+    wrgsbase %rax
+    jmp 2f
+1:
+    movl ${MSR_FS_BASE}, %ecx
+    movl \fs(%rbx), %eax
+    movl \fs+4(%rbx), %edx
+    wrmsr
+    movl ${MSR_GS_BASE}, %ecx
+    movl \gs(%rbx), %eax
+    movl \gs+4(%rbx), %edx
+    wrmsr
+2:
+.endm
+
     .section .text.kqemu_switch, "ax", @progbits
     .balign 4096
     .globl kqemu_switch_text_start
@@ -179,23 +202,7 @@ kqemu_switch_run:
      * (SDM Vol. 3A 3.4.4), and the guest must never run with the host's
      * (GS: the kernel's per-CPU pointer, which a guest RDGSBASE would
      * read). */
-    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
-    jz 1f
-    movq {A_GUEST_FS_BASE}(%rbx), %rax
-    wrfsbase %rax
-    movq {A_GUEST_GS_BASE}(%rbx), %rax
-    wrgsbase %rax
-    jmp 2f
-1:
-    movl ${MSR_FS_BASE}, %ecx
-    movl {A_GUEST_FS_BASE}(%rbx), %eax
-    movl {A_GUEST_FS_BASE}+4(%rbx), %edx
-    wrmsr
-    movl ${MSR_GS_BASE}, %ecx
-    movl {A_GUEST_GS_BASE}(%rbx), %eax
-    movl {A_GUEST_GS_BASE}+4(%rbx), %edx
-    wrmsr
-2:
+    write_fs_gs_bases {A_GUEST_FS_BASE}, {A_GUEST_GS_BASE}
     movq %rbx, %rsp
     movq 8(%rsp), %rcx
     movq 16(%rsp), %rdx
@@ -500,23 +507,7 @@ kqemu_switch_exit_common:
     movw {A_HOST_GS}(%rbx), %gs
     /* The selector loads may have replaced the bases (a non-null one
      * from its descriptor, a null one on some CPUs). */
-    testq ${F_FSGSBASE}, {A_FLAGS}(%rbx)
-    jz 1f
-    movq {A_HOST_FS_BASE}(%rbx), %rax
-    wrfsbase %rax
-    movq {A_HOST_GS_BASE}(%rbx), %rax
-    wrgsbase %rax
-    jmp 2f
-1:
-    movl ${MSR_FS_BASE}, %ecx
-    movl {A_HOST_FS_BASE}(%rbx), %eax
-    movl {A_HOST_FS_BASE}+4(%rbx), %edx
-    wrmsr
-    movl ${MSR_GS_BASE}, %ecx
-    movl {A_HOST_GS_BASE}(%rbx), %eax
-    movl {A_HOST_GS_BASE}+4(%rbx), %edx
-    wrmsr
-2:
+    write_fs_gs_bases {A_HOST_FS_BASE}, {A_HOST_GS_BASE}
     /* DR6 back to the host's value when a #DB (the guest's, or one in
      * the switch) or the entry changed it; the guest's bits go to the
      * area first. */
