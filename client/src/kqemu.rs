@@ -847,6 +847,18 @@ mod tests {
         fn random(&mut self, _buf: &mut [u8]) {}
     }
 
+    /// An OS for i386 processes with `bytes` as its guest RAM.
+    fn i386_os(bytes: &mut [u8], paging: PagingFormat) -> Linux<'_> {
+        let ram = crate::GuestRam::new(bytes, 0).expect("ram");
+        let cfg = crate::LinuxConfig::new(Arch::I386, paging);
+        Linux::new(
+            ram,
+            crate::MemFs::new(),
+            cfg,
+            alloc::boxed::Box::new(NoConsole),
+        )
+    }
+
     #[test]
     fn the_gdt_page_holds_the_running_process_descriptors() {
         for (paging, linear) in [
@@ -855,14 +867,7 @@ mod tests {
             (PagingFormat::Long4, 0xffff_ff00_0000_0000),
         ] {
             let mut bytes = alloc::vec![0u8; 64 * 4096];
-            let ram = crate::GuestRam::new(&mut bytes, 0).expect("ram");
-            let cfg = crate::LinuxConfig::new(Arch::I386, paging);
-            let mut linux = Linux::new(
-                ram,
-                crate::MemFs::new(),
-                cfg,
-                alloc::boxed::Box::new(NoConsole),
-            );
+            let mut linux = i386_os(&mut bytes, paging);
             let gdt = linux.gdt().expect("a GDT page");
             assert_eq!(gdt.linear, linear, "{paging:?}");
             // Every address space maps it: its root entry is among those
@@ -1030,14 +1035,7 @@ mod tests {
     fn the_ldt_lives_in_the_gdt_page_and_its_selectors_load() {
         for (paging, long) in [(PagingFormat::Legacy32, false), (PagingFormat::Long4, true)] {
             let mut bytes = alloc::vec![0u8; 64 * 4096];
-            let ram = crate::GuestRam::new(&mut bytes, 0).expect("ram");
-            let cfg = crate::LinuxConfig::new(Arch::I386, paging);
-            let mut linux = Linux::new(
-                ram,
-                crate::MemFs::new(),
-                cfg,
-                alloc::boxed::Box::new(NoConsole),
-            );
+            let mut linux = i386_os(&mut bytes, paging);
             let gdt = linux.gdt().expect("a GDT page");
             let user = User32::of(paging);
             let mut ctx = UserContext::default();
