@@ -184,6 +184,11 @@ impl LockBudget {
 
     /// Takes back `pages` promised by `reserve` or `grant_up_to`.
     pub fn release(&self, pages: usize) {
+        // Nothing to give back is the steady state of every EXEC
+        // (`LockShare::next_cap`): no write to the module-wide counter.
+        if pages == 0 {
+            return;
+        }
         // Callers give back at most what they were promised.
         self.promised
             .fetch_sub(u64::try_from(pages).unwrap_or(0), Ordering::AcqRel);

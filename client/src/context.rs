@@ -66,10 +66,15 @@ impl UserDesc {
     /// An entry that clears the slot (Linux `LDT_empty`: everything zero except
     /// read_exec_only and seg_not_present), or an all-zero entry.
     pub fn is_empty(&self) -> bool {
-        let empty_flags = Self::READ_EXEC_ONLY | Self::SEG_NOT_PRESENT;
+        self.is_ldt_empty() || (self.base_addr == 0 && self.limit == 0 && self.flags == 0)
+    }
+
+    /// Linux's `LDT_empty`: base and limit 0, read_exec_only and
+    /// seg_not_present set, the other flag bits clear.
+    fn is_ldt_empty(&self) -> bool {
         self.base_addr == 0
             && self.limit == 0
-            && (self.flags & 0x7f == empty_flags || self.flags == 0)
+            && self.flags & 0x7f == Self::READ_EXEC_ONLY | Self::SEG_NOT_PRESENT
     }
 
     /// The 8-byte GDT descriptor for this entry, DPL 3, accessed bit preset so the CPU never
@@ -86,10 +91,7 @@ impl UserDesc {
     /// ignored; otherwise the descriptor as [`Self::descriptor`] builds it (an all-zero
     /// `user_desc` is a present 16-bit data segment there, not an empty slot).
     pub fn ldt_descriptor(&self, oldmode: bool) -> u64 {
-        let ldt_empty = self.base_addr == 0
-            && self.limit == 0
-            && self.flags & 0x7f == Self::READ_EXEC_ONLY | Self::SEG_NOT_PRESENT;
-        if ldt_empty || (oldmode && self.base_addr == 0 && self.limit == 0) {
+        if self.is_ldt_empty() || (oldmode && self.base_addr == 0 && self.limit == 0) {
             return 0;
         }
         let mut desc = *self;

@@ -518,8 +518,8 @@ struct ExitReport {
 impl<H: Host> Monitor<H> {
     /// The caches for one instance.
     pub fn new(host: &H, ram: &RamParams) -> Result<Self> {
-        let mut dirty_pages =
-            HostArray::<Frame, H>::zeroed(host, ram.pages().div_ceil(PAGE_SIZE).max(1) as usize)?;
+        // As many as INIT reserved (RamParams::dirty_pages).
+        let mut dirty_pages = HostArray::<Frame, H>::zeroed(host, ram.dirty_pages())?;
         for (i, slot) in dirty_pages.iter_mut().enumerate() {
             let held = match host.hold_user_page(ram.ram_dirty + i as u64 * PAGE_SIZE) {
                 Ok(h) => h,
