@@ -931,25 +931,28 @@ fn bind_to_cpu(b: &mut CpuBlock, cpu: usize) -> Result<(), SetupError> {
         host_cs,
     )?;
 
+    forget_guest_descriptors(b);
     let state = &mut b.area.state;
-    let last = state.written_len.min(state.written.len());
-    for &(index, _) in &state.written[..last] {
-        b.gdt[usize::from(index)] = 0;
-    }
-    state.written_len = 0;
-    state.guest_at_host_cs = 0;
     b.gdt[usize::from(state.host_cs_index)] = 0;
     b.gdt[usize::from(cs_index)] = cs_desc;
     state.host_cs_index = cs_index;
     state.host_cs_desc = cs_desc;
-
-    let host_gs = read_gs_base();
-    for stack in b.stacks.iter_mut() {
-        stack[ENTRIES - 2] = host_gs;
-    }
-    state.stack_gs = host_gs;
     state.cpu = cpu;
     Ok(())
+}
+
+/// Clears the guest descriptors the block's last run wrote into its GDT
+/// (the host CS's index keeps the host's descriptor there).
+fn forget_guest_descriptors(b: &mut CpuBlock) {
+    let state = &mut b.area.state;
+    let last = state.written_len.min(state.written.len());
+    for &(index, _) in &state.written[..last] {
+        if index != state.host_cs_index {
+            b.gdt[usize::from(index)] = 0;
+        }
+    }
+    state.written_len = 0;
+    state.guest_at_host_cs = 0;
 }
 
 fn set_up(
@@ -957,8 +960,8 @@ fn set_up(
     cpu: usize,
     virt_to_phys: &impl Fn(u64) -> Option<u64>,
 ) -> Result<(), SetupError> {
-    // Stacks: the top word the host's per-CPU pointer (bind_to_cpu, and
-    // each run), the word above it the area.
+    // Stacks: the top word the host's per-CPU pointer (written by a run
+    // when it changed, CpuSwitcher::run), the word above it the area.
     let area_addr = core::ptr::addr_of_mut!(b.area.area) as u64;
     let mut tops = [0u64; STACKS];
     for (i, stack) in b.stacks.iter_mut().enumerate() {
@@ -1128,13 +1131,7 @@ impl CpuSwitcher {
         if descriptors.len() == last && *descriptors == b.area.state.written[..last] {
             return Some(());
         }
-        for &(index, _) in &b.area.state.written[..last] {
-            if index != cs_index {
-                b.gdt[usize::from(index)] = 0;
-            }
-        }
-        b.area.state.written_len = 0;
-        b.area.state.guest_at_host_cs = 0;
+        forget_guest_descriptors(b);
         if descriptors.len() > GUEST_DESCRIPTORS {
             return None;
         }
