@@ -439,6 +439,40 @@ pub struct Monitor<H: Host> {
     logged_table_shortage: bool,
 }
 
+/// The dirty-byte books a guest write to RAM goes through.
+struct WriteBooks<'b, 'r> {
+    tracker: &'b mut DirtyTracker,
+    dirty: &'b mut UserDirty<'r>,
+    modified: &'b mut ListPage,
+    update: &'b mut ListPage,
+}
+
+/// Lets the guest write RAM page `page` under the dirty-byte protocol
+/// (ABI.md): a page not all dirty is marked and listed first (DirtyTracker),
+/// and the shadow tables that derive from a watched page are brought up to
+/// date. False when the client must make the write: the list is full, or
+/// shadow state still derives from the page.
+fn guest_write<H: Host>(
+    shadow: &mut Shadow<HostArray<ShadowNode, H>>,
+    tables: &mut HostTables<H>,
+    mem: &mut RamMem<'_, H>,
+    page: RamPage,
+    books: &mut WriteBooks<'_, '_>,
+) -> bool {
+    if books.dirty.load(page) == ALL_DIRTY {
+        return true;
+    }
+    match books
+        .tracker
+        .write_fault(page, books.dirty, books.modified, books.update)
+    {
+        WriteFault::ListFull => false,
+        WriteFault::Writable { was_watched } => {
+            !(was_watched && shadow.page_modified(page, mem, tables))
+        }
+    }
+}
+
 /// What the CPU reports about paging (CPUID 80000008H and 80000001H).
 fn cpu_paging() -> CpuPaging {
     let max_ext = core::arch::x86_64::__cpuid(0x8000_0000).eax;
@@ -1055,16 +1089,21 @@ impl<H: Host> Monitor<H> {
             return Err(soft);
         };
         let write = access.kind == AccessKind::Write;
-        if write && !native.read_only && dirty.load(page) != ALL_DIRTY {
-            match tracker.write_fault(page, dirty, modified, update) {
-                WriteFault::ListFull => return Err(soft),
-                WriteFault::Writable { was_watched } => {
-                    if was_watched && self.shadow.page_modified(page, &mut mem, &mut self.tables) {
-                        // Shadow state still derives from the page the
-                        // guest writes: the client emulates the write.
-                        return Err(soft);
-                    }
-                }
+        if write && !native.read_only {
+            let mut books = WriteBooks {
+                tracker,
+                dirty,
+                modified,
+                update,
+            };
+            if !guest_write(
+                &mut self.shadow,
+                &mut self.tables,
+                &mut mem,
+                page,
+                &mut books,
+            ) {
+                return Err(soft);
             }
         }
         for step in derivation.steps() {
@@ -1180,15 +1219,20 @@ impl<H: Host> Monitor<H> {
         if u64::from(page.index()) >= f.ram.pages() {
             return false;
         }
-        if f.dirty.load(page) != ALL_DIRTY {
-            match f.tracker.write_fault(page, f.dirty, f.modified, f.update) {
-                WriteFault::ListFull => return false,
-                WriteFault::Writable { was_watched } => {
-                    if was_watched && self.shadow.page_modified(page, &mut mem, &mut self.tables) {
-                        return false;
-                    }
-                }
-            }
+        let mut books = WriteBooks {
+            tracker: f.tracker,
+            dirty: f.dirty,
+            modified: f.modified,
+            update: f.update,
+        };
+        if !guest_write(
+            &mut self.shadow,
+            &mut self.tables,
+            &mut mem,
+            page,
+            &mut books,
+        ) {
+            return false;
         }
         // From the descriptor as read for the fill: if the guest's table
         // changed since, the client emulates the load with the new one.
