@@ -1159,7 +1159,7 @@ impl<H: Host> Monitor<H> {
                     ram: f.ram,
                     locked: Some(&mut self.locked),
                 };
-                let Some(guest) = read_descriptor(entry, &mut mem, f.map, linear) else {
+                let Some(guest) = read_descriptor(entry, &mut mem, linear) else {
                     return SegmentExit::Client;
                 };
                 match f.gdt.fill(selector, guest, entry.mode) {
@@ -1378,7 +1378,6 @@ enum SegmentExit {
 fn read_descriptor<H: Host>(
     entry: &NormalModeEntry,
     mem: &mut RamMem<'_, H>,
-    map: &PhysMap<H>,
     linear: GuestVirt,
 ) -> Option<Descriptor> {
     if linear.as_u64() & 3 != 0 {
@@ -1388,9 +1387,7 @@ fn read_descriptor<H: Host>(
     for (i, half) in halves.iter_mut().enumerate() {
         let at = GuestVirt::new(linear.as_u64().wrapping_add(4 * i as u64));
         let t = translate(&entry.paging, mem, at, Access::IMPLICIT_READ).ok()?;
-        if let PageBacking::Comm | PageBacking::Unassigned = map.backing(t.frame()) {
-            return None;
-        }
+        // Only RAM and ROM read (RamMem::with): not COMM or unassigned.
         *half = mem.read_u32(t.phys).ok()?;
     }
     Some(Descriptor(
