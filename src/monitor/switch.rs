@@ -899,10 +899,11 @@ pub unsafe fn prepare_cpu(
 
 /// What of a block depends on the host CPU running it, (re)done for CPU
 /// `cpu`: the GDT holds a copy of the host's CS descriptor at its index
-/// while the host's IDT or CS may be in force (switch.S); the IST stacks'
-/// top word holds the CPU's GS base (its per-CPU pointer, which FreeBSD's
-/// NMI, MC and DB handlers read there). The guest descriptors of the last
-/// run go too: the host CS index may have moved onto one of them.
+/// while the host's IDT or CS may be in force (switch.S). The guest
+/// descriptors of the last run go too: the host CS index may have moved
+/// onto one of them. (The IST stacks' top word, the CPU's GS base that
+/// FreeBSD's NMI, MC and DB handlers read there, is rewritten by the run
+/// that finds it changed: CpuSwitcher::run.)
 fn bind_to_cpu(b: &mut CpuBlock, cpu: usize) -> Result<(), SetupError> {
     let host_cs = read_cs();
     let cs_index = host_cs >> 3;
